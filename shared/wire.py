@@ -1,0 +1,87 @@
+"""Messages that cross Redis between the gateway and the workers, encoded with msgpack.
+
+Requests go gateway -> ``requests:{model}``; events go worker -> ``out:{request_id}``. Each stream entry has one field,
+``names.PAYLOAD_FIELD``, holding ``pack(...)`` of a plain dict, so any language can read the wire.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 disables
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    logprobs: bool = False  # return the sampled token's logprob
+    top_logprobs: int = 0  # and this many alternatives per position
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class GenerationRequest:
+    id: str
+    model: str
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    created: float = 0.0  # unix time the gateway accepted it (queue time is measured from here)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GenerationRequest:
+        params = dict(d.get("params") or {})
+        # msgpack keeps int keys, but be lenient with string keys from other clients
+        params["logit_bias"] = {int(k): float(v) for k, v in (params.get("logit_bias") or {}).items()}
+        return cls(
+            id=d["id"],
+            model=d["model"],
+            prompt_ids=list(d["prompt_ids"]),
+            params=SamplingParams(**params),
+            created=float(d.get("created", 0.0)),
+        )
+
+
+# Output events. Each is a dict with a "type":
+#   {"type": "delta", "index": i, "text": str, "token_ids": [int], "logprobs": [TokenLogprob...] | None}
+#   {"type": "finish", "index": i, "finish_reason": "stop" | "length" | "abort", "completion_tokens": int,
+#    "stop_reason": str | int | None}
+#   {"type": "done", "usage": {"prompt_tokens", "completion_tokens", "total_tokens"},
+#    "timings": {"queue_s", "ttft_s", "total_s"}, "worker_id": str}
+#   {"type": "error", "message": str, "code": str}
+# TokenLogprob = {"token": str, "id": int, "logprob": float, "bytes": [int], "top": [[str, int, float], ...]}
+# "done" or "error" is always the last event of a request.
+EVENT_DELTA = "delta"
+EVENT_FINISH = "finish"
+EVENT_DONE = "done"
+EVENT_ERROR = "error"
+TERMINAL_EVENTS = (EVENT_DONE, EVENT_ERROR)
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
