@@ -1,0 +1,55 @@
+"""`python -m inference_worker --model ID`: one worker serving one model; joins the model's stream with any others."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+
+from shared.logs import setup_logging
+from shared.settings import load_settings
+
+
+async def _run(model_id: str, settings, log) -> int:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from inference_worker.engine import Engine
+    from inference_worker.service import WorkerService
+    from shared.redis_server import free_port
+
+    model_dir = settings.models_dir / model_id
+    if not model_dir.is_dir():
+        log.error("no model directory %s (TRELLIS_MODELS_DIR=%s)", model_dir, settings.models_dir)
+        return 2
+    registry = CollectorRegistry()
+    t0 = time.monotonic()
+    engine = await asyncio.to_thread(Engine.from_settings, model_dir, settings, model_id=model_id, registry=registry)
+    log.info("loaded %s on %s in %.1f s", model_id, engine.device, time.monotonic() - t0)
+    port = settings.worker_metrics_port or free_port()
+    start_http_server(port, addr=settings.host, registry=registry)
+    log.info("metrics on http://%s:%d/metrics", settings.host, port)
+
+    service = WorkerService(engine, settings, model_id, metrics_port=port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, service.stop)
+    await service.run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m inference_worker", description=__doc__)
+    parser.add_argument("--model", help="model id: a directory under TRELLIS_MODELS_DIR (default: the default model)")
+    args = parser.parse_args(argv)
+    settings = load_settings()
+    log = setup_logging("worker", settings.log_level)
+    if not settings.redis_url:
+        log.error("TRELLIS_REDIS_URL is not set (trellis up sets it; or point it at your Redis)")
+        return 2
+    return asyncio.run(_run(args.model or settings.default_model, settings, log))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

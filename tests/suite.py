@@ -1,0 +1,73 @@
+"""Starting real suite processes (gateway, inference worker) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from shared.redis_server import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def suite_env(redis_url: str, models_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"TRELLIS_REDIS_URL": redis_url, "TRELLIS_MODELS_DIR": str(models_dir), "PYTHONUNBUFFERED": "1"})
+    env.update(extra)
+    return env
+
+
+def spawn(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")  # noqa: SIM115 - closed when the process is reaped by stop()
+    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def wait_http(url: str, procs: list[subprocess.Popen], timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{p.args} exited with {p.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready after {timeout} s: {last}")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@contextmanager
+def running_suite(redis_url: str, models_dir: Path, model_id: str, log_dir: Path, workers: int = 1,
+                  **extra_env: str) -> Iterator[str]:
+    """A gateway and `workers` inference workers; yields the gateway's base URL once /ready answers 200."""
+    port = free_port()
+    env = suite_env(redis_url, models_dir, TRELLIS_PORT=str(port), **extra_env)
+    procs = [spawn("gateway", [], env, log_dir / "gateway.log")]
+    procs += [spawn("inference_worker", ["--model", model_id], env, log_dir / f"worker{i}.log") for i in range(workers)]
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ready", procs)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(procs)
