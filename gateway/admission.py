@@ -1,0 +1,127 @@
+"""Turn a validated request into a GenerationRequest a worker can run: check the model, tokenize, fit the context.
+
+Order matters for the status a client sees: body errors (400) were raised during parsing; here an unknown model is a
+404, a known model with no live worker a 503, and a prompt that does not fit the served context a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from gateway import errors
+from gateway.openai_api import CHAT, ParsedRequest
+from gateway.registry import WorkerInfo, context_length
+from gateway.state import GatewayState
+from shared.tokenizer import ChatTemplateError
+from shared.wire import GenerationRequest
+
+
+@dataclass
+class Admitted:
+    parsed: ParsedRequest
+    request: GenerationRequest
+    max_model_len: int | None
+    received: float  # time.monotonic() when the gateway got the request: the start of gateway-side TTFT
+
+    @property
+    def id(self) -> str:
+        return self.request.id
+
+
+def new_request_id(endpoint: str) -> str:
+    return f"{'chatcmpl' if endpoint == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
+
+
+async def admit(parsed: ParsedRequest, state: GatewayState, received: float) -> Admitted:
+    """Resolve the model and build the wire request; raises ApiError (404, 503, 400) when it cannot run."""
+    workers = await require_served_model(parsed.model, state)
+    prompt_ids = await prompt_token_ids(parsed, state)
+    max_model_len = context_length(workers)
+    params = parsed.params
+    params.max_tokens = fit_max_tokens(parsed, len(prompt_ids), max_model_len, state.settings.max_tokens_limit)
+    request = GenerationRequest(
+        id=new_request_id(parsed.endpoint),
+        model=parsed.model,
+        prompt_ids=prompt_ids,
+        params=params,
+        created=time.time(),
+    )
+    return Admitted(parsed=parsed, request=request, max_model_len=max_model_len, received=received)
+
+
+async def require_served_model(model: str, state: GatewayState) -> list[WorkerInfo]:
+    """The model's live workers; 404 when the gateway has no such model directory, 503 when nobody serves it."""
+    if not state.model_files.has_model(model):
+        raise errors.unknown_model(model)
+    workers = await state.registry.workers_for(model)
+    if not workers:
+        raise errors.no_worker(model)
+    return workers
+
+
+async def prompt_token_ids(parsed: ParsedRequest, state: GatewayState) -> list[int]:
+    """Tokenize the prompt (or render the chat template); token ids the client sent are checked, not re-encoded."""
+    if isinstance(parsed.prompt, list):
+        # A model directory without a tokenizer can still take token ids; the worker is then the only check.
+        if state.model_files.has_tokenizer(parsed.model):
+            check_vocabulary(parsed, (await state.model_files.tokenizer(parsed.model)).vocab_size)
+        return parsed.prompt
+    tokenizer = await state.model_files.tokenizer(parsed.model)
+    check_vocabulary(parsed, tokenizer.vocab_size)
+    if parsed.endpoint == CHAT:
+        try:
+            ids = await asyncio.to_thread(tokenizer.chat_prompt_ids, parsed.messages)
+        except ChatTemplateError as exc:  # the template's raise_exception(), or the model has no template
+            raise errors.invalid(str(exc), "messages") from exc
+        param = "messages"
+    else:
+        ids = await asyncio.to_thread(tokenizer.encode, parsed.prompt, add_special_tokens=parsed.add_special_tokens)
+        param = "prompt"
+    ids = list(ids)
+    if not ids:
+        raise errors.invalid(f"'{param}' encodes to zero tokens; there is nothing to continue from.", param)
+    return ids
+
+
+def check_vocabulary(parsed: ParsedRequest, vocab_size: int) -> None:
+    """Every token id the client named must exist: an out-of-range id must never reach a worker's embedding."""
+    named = [
+        ("prompt", parsed.prompt if isinstance(parsed.prompt, list) else []),
+        ("logit_bias", parsed.params.logit_bias),
+        ("stop_token_ids", parsed.params.stop_token_ids),
+    ]
+    for param, ids in named:
+        bad = next((t for t in ids if t >= vocab_size), None)
+        if bad is not None:
+            raise errors.invalid(
+                f"'{param}' holds token id {bad}, outside the model's vocabulary of {vocab_size}.", param
+            )
+
+
+def fit_max_tokens(parsed: ParsedRequest, prompt_tokens: int, max_model_len: int | None, limit: int) -> int:
+    """The client's max_tokens, or (like vLLM) the rest of the context capped by ``limit``; 400 if it cannot fit."""
+    prompt_param = "messages" if parsed.endpoint == CHAT else "prompt"
+    if max_model_len is None:  # no worker reported its context: the worker will enforce it
+        return parsed.max_tokens or limit
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise errors.invalid(
+            f"This model's maximum context length is {max_model_len} tokens, but the {prompt_param} alone is "
+            f"{prompt_tokens} tokens, leaving no room for a completion. Shorten the {prompt_param}.",
+            prompt_param,
+            code="context_length_exceeded",
+        )
+    if parsed.max_tokens is None:
+        return min(room, limit)
+    if parsed.max_tokens > room:
+        raise errors.invalid(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{prompt_tokens + parsed.max_tokens} tokens ({prompt_tokens} in the {prompt_param}, "
+            f"{parsed.max_tokens} for the completion). Reduce the {prompt_param} or max_tokens.",
+            "max_tokens",
+            code="context_length_exceeded",
+        )
+    return parsed.max_tokens
