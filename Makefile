@@ -26,6 +26,7 @@ run: $(STAMP) redis-server
 	$(VENV)/bin/trellis up
 
 test: $(STAMP) redis-server
+	monitoring/install-tools.sh $(VENV)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 

@@ -1,0 +1,94 @@
+"""Attention over the paged KV cache: the torch reference (the CPU path, and the oracle for the Triton kernel).
+
+Every sequence's query chunk attends causally over its whole context, cached tokens plus the new ones. The ragged
+batch is padded once: contexts are gathered page by page into [B, max_context, ...], queries into [B, max_query, ...],
+and a boolean mask hides both padding and the future, so the whole step is one SDPA call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from inference_worker.batch import ForwardBatch
+from inference_worker.kv_cache import PagedKVCache
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal attention of q [T, heads, head_dim] over paged K/V [pages, page_size, kv_heads, head_dim].
+
+    Sequence b owns the next ``query_lens[b]`` rows of q, which are the last tokens of its ``context_lens[b]``-token
+    context; its context lives in pages ``block_tables[b, :]``. Returns [T, heads, head_dim] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    page_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads evenly")
+    if len(query_lens) != len(context_lens) or len(query_lens) != block_tables.shape[0]:
+        raise ValueError(
+            f"batch disagrees on its size: {len(query_lens)} query_lens, {len(context_lens)} context_lens, "
+            f"{block_tables.shape[0]} block table rows"
+        )
+    if sum(query_lens) != num_tokens:
+        raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {num_tokens} tokens")
+    if any(ql < 1 or ql > cl for ql, cl in zip(query_lens, context_lens, strict=True)):
+        raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {query_lens} and {context_lens}")
+    num_seqs, max_query, max_context = len(query_lens), max(query_lens), max(context_lens)
+    pages_needed = -(-max_context // page_size)
+    if block_tables.shape[1] < pages_needed:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns; a {max_context}-token context needs more")
+    device = q.device
+
+    # Gather each sequence's pages into one contiguous, padded context: [B, kv_heads, max_context, head_dim].
+    pages = block_tables[:, :pages_needed].to(device)
+
+    def gather(cache_pages: torch.Tensor) -> torch.Tensor:
+        ctx = cache_pages[pages].reshape(num_seqs, pages_needed * page_size, num_kv_heads, head_dim)
+        ctx = ctx[:, :max_context].transpose(1, 2).to(q.dtype)
+        return ctx.repeat_interleave(num_heads // num_kv_heads, dim=1)  # GQA: head h reads kv head h // group
+
+    keys, values = gather(k_pages), gather(v_pages)
+
+    # Scatter the ragged queries into [B, heads, max_query, head_dim].
+    q_lens = torch.tensor(query_lens, device=device)
+    ctx_lens = torch.tensor(context_lens, device=device)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    row_in_seq = torch.arange(num_tokens, device=device) - first_token[seq_of_token]
+    padded_q = q.new_zeros(num_seqs, max_query, num_heads, head_dim)
+    padded_q[seq_of_token, row_in_seq] = q
+
+    # Query row i of sequence b sits at position context - query_len + i and sees keys at positions <= its own.
+    # Padding rows sit past the context, see every real key (no all-masked row, so no NaN) and are dropped below.
+    query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_query, device=device)[None, :]
+    key_pos = torch.arange(max_context, device=device)
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
+
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale
+    )  # [B, heads, max_query, head_dim]
+    return out.transpose(1, 2)[seq_of_token, row_in_seq]
+
+
+def attend_paged(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: PagedKVCache,
+    layer: int,
+    batch: ForwardBatch,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Write this step's k, v [T, kv_heads, head_dim] into the cache, then attend q [T, heads, head_dim] over it."""
+    cache.write(layer, k, v, batch.slot_mapping)
+    return paged_attention(
+        q, cache.k[layer], cache.v[layer], batch.block_tables, batch.query_lens, batch.context_lens, scale
+    )

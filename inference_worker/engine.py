@@ -1,0 +1,586 @@
+"""The inference engine: requests in, wire events out, one scheduler step + one forward + sampling per ``step()``.
+
+The engine owns the model, the paged KV cache, the scheduler and every sequence's sampling / detokenizer / stop
+state. ``add_request`` and ``abort`` may be called from any thread (they only fill an inbox); everything else runs on
+the one thread that calls ``step()`` (``EngineLoop``), so the model never waits on Redis or the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from prometheus_client import CollectorRegistry
+
+from inference_worker.batch import ForwardBatch
+from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token
+from inference_worker.metrics import WorkerMetrics
+from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample
+from inference_worker.scheduler import Scheduler, Sequence, StepPlan
+from inference_worker.stop import StopChecker
+from shared import wire
+from shared.detokenize import IncrementalDetokenizer
+from shared.settings import Settings
+from shared.tokenizer import ModelTokenizer
+
+log = logging.getLogger("inference_worker.engine")
+
+Event = tuple[str, dict[str, Any]]
+CPU_KV_CACHE_BYTES = 1 << 30  # with kv_cache_tokens=0 on CPU, the cache stays under ~1 GiB
+GPU_KV_CACHE_FRACTION = 0.9  # with kv_cache_tokens=0 on CUDA, the cache takes this share of free memory
+
+
+@dataclass
+class EngineConfig:
+    device: str = "cpu"
+    max_batch_size: int = 16
+    max_batch_tokens: int = 2048
+    kv_page_size: int = 16
+    kv_cache_tokens: int = 8192
+    max_model_len: int = 2048
+    worker_id: str = ""  # reported in every "done" event
+
+
+class RequestError(ValueError):
+    """A request that cannot run; ``code`` goes into the error event."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(eq=False)
+class _Choice:
+    request_id: str
+    index: int
+    seq: Sequence
+    sampling: SamplingState
+    detok: IncrementalDetokenizer
+    stop: StopChecker
+    last_token_at: float | None = None
+    finished: bool = False
+
+
+@dataclass(eq=False)
+class _Request:
+    req: wire.GenerationRequest
+    arrival: float  # time.monotonic() of the gateway's acceptance (or of add_request)
+    choices: list[_Choice] = field(default_factory=list)
+    first_scheduled_at: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finished for c in self.choices)
+
+
+def _arrival(created: float) -> float:
+    """Map the gateway's unix ``created`` onto the monotonic clock (now, when absent or in the future)."""
+    now_wall, now = time.time(), time.monotonic()
+    return now - (now_wall - created) if 0.0 < created <= now_wall else now
+
+
+class Engine:
+    """Continuous batching over one model. Any thread: ``add_request``, ``abort``, ``free_slots``, ``has_work``,
+    ``stats``. The engine thread only: ``step`` (and ``fail_all`` after a step raised)."""
+
+    def __init__(
+        self,
+        model: Any,
+        model_config: Any,
+        tokenizer: ModelTokenizer,
+        cfg: EngineConfig,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.model = model
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.metrics = metrics or WorkerMetrics(CollectorRegistry(), "model")
+        self.vocab_size = int(model_config.vocab_size)
+        num_pages = cfg.kv_cache_tokens // cfg.kv_page_size
+        if num_pages < 1:
+            raise ValueError(f"kv_cache_tokens={cfg.kv_cache_tokens} is less than one page of {cfg.kv_page_size}")
+        self.scheduler = Scheduler(num_pages, cfg.kv_page_size, cfg.max_batch_size, cfg.max_batch_tokens)
+        self.cache = PagedKVCache(
+            model_config.num_hidden_layers,
+            num_pages,
+            cfg.kv_page_size,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            _model_dtype(model),
+            self.device,
+        )
+        # the longest sequence (prompt + output) served: the model's context, and never more than the cache holds
+        self.max_model_len = min(cfg.max_model_len, self.scheduler.capacity_tokens)
+        self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
+        self._requests: dict[str, _Request] = {}
+        self._choices: dict[str, _Choice] = {}  # by seq_id
+        self._token_pieces: dict[int, tuple[str, list[int]]] = {}
+        # the inbox: the only state other threads touch
+        self._cond = threading.Condition()
+        self._inbox: list[wire.GenerationRequest] = []
+        self._aborts: list[str] = []
+        self._num_live_seqs = 0  # sequences queued or scheduled, for free_slots() from any thread
+
+    # -- construction -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_settings(
+        cls,
+        model_dir: Path,
+        settings: Settings,
+        model_id: str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> Engine:
+        """Load the model in model_dir and size the KV cache from the settings (see shared/settings.py)."""
+        from inference_worker.loader import load_model
+
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        model, config = load_model(Path(model_dir), device, dtype)
+        tokenizer = ModelTokenizer.from_dir(Path(model_dir))
+        max_model_len = settings.max_model_len or int(config.max_position_embeddings)
+        bytes_per_token = kv_bytes_per_token(
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype
+        )
+        kv_tokens = settings.kv_cache_tokens or default_kv_cache_tokens(
+            device, max_model_len, settings.max_batch_size, bytes_per_token
+        )
+        cfg = EngineConfig(
+            device=str(device),
+            max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
+            kv_page_size=settings.kv_page_size,
+            kv_cache_tokens=kv_tokens,
+            max_model_len=max_model_len,
+            worker_id=settings.worker_id,
+        )
+        metrics = WorkerMetrics(registry or CollectorRegistry(), model_id or Path(model_dir).name)
+        return cls(model, config, tokenizer, cfg, metrics)
+
+    # -- any thread ---------------------------------------------------------------------------------------------------
+    def add_request(self, req: wire.GenerationRequest) -> None:
+        with self._cond:
+            self._inbox.append(req)
+            self._num_live_seqs += max(1, req.params.n)
+            self._cond.notify_all()
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request: its pages are freed at the next step, which emits finish "abort" and "done"."""
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify_all()
+
+    def free_slots(self) -> int:
+        """How many more requests to pull now: room in the batch not already taken by running or waiting ones."""
+        with self._cond:
+            return max(0, self.cfg.max_batch_size - self._num_live_seqs)
+
+    def has_work(self) -> bool:
+        with self._cond:
+            return bool(self._inbox or self._aborts or self._requests)
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Block until there is something to step (or timeout, or wake()); True when there is."""
+        with self._cond:
+            if not (self._inbox or self._aborts or self._requests):
+                self._cond.wait(timeout)
+            return bool(self._inbox or self._aborts or self._requests)
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "kv_usage": s.kv_usage,
+            "pages_free": s.num_free_pages,
+            "pages_total": s.allocator.num_pages,
+        }
+
+    # -- the engine thread --------------------------------------------------------------------------------------------
+    def step(self) -> list[Event]:
+        """Admit new requests, apply aborts, run one scheduled forward, sample; the events this produced."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            aborts, self._aborts = self._aborts, []
+        events: list[Event] = []
+        for req in inbox:
+            self._admit(req, events)
+        for request_id in aborts:
+            self._abort(request_id, events)
+
+        plan = self.scheduler.schedule()
+        if plan.preempted:
+            self.metrics.num_preemptions.inc(len(plan.preempted))
+        if not plan.is_empty:
+            now = time.monotonic()
+            for item in plan.scheduled:
+                r = self._requests[self._choices[item.seq.seq_id].request_id]
+                if r.first_scheduled_at is None:
+                    r.first_scheduled_at = now
+                    self.metrics.request_queue_time.observe(now - r.arrival)
+            sampled = self._forward_and_sample(plan)
+            now = time.monotonic()
+            for choice, token in sampled:
+                self._on_token(choice, token, now, events)
+        self._update_gauges()
+        return events
+
+    def fail_all(self, message: str, code: str = "internal_error") -> list[Event]:
+        """After an unexpected failure: end every live request with an error event and free everything."""
+        with self._cond:
+            inbox, self._inbox = self._inbox, []
+            self._aborts = []
+        events: list[Event] = [(req.id, _error(code, message)) for req in inbox]
+        with self._cond:
+            self._num_live_seqs -= sum(max(1, req.params.n) for req in inbox)
+        for request_id, r in list(self._requests.items()):
+            for c in r.choices:
+                if not c.finished:
+                    self._release(c)
+            del self._requests[request_id]
+            events.append((request_id, _error(code, message)))
+        self._update_gauges()
+        return events
+
+    # -- admission ----------------------------------------------------------------------------------------------------
+    def _admit(self, req: wire.GenerationRequest, events: list[Event]) -> None:
+        n = max(1, req.params.n)
+        if req.id in self._requests:
+            # a redelivered entry for a request we are still running: the running one already writes its stream
+            log.warning("ignoring duplicate request %s (already running)", req.id)
+            with self._cond:
+                self._num_live_seqs -= n
+            return
+        try:
+            r = self._build_request(req)
+        except Exception as exc:  # a request that cannot run ends in an error event; the others carry on
+            if not isinstance(exc, RequestError):
+                log.exception("could not admit request %s", req.id)
+            with self._cond:
+                self._num_live_seqs -= n
+            events.append((req.id, _error(getattr(exc, "code", "internal_error"), str(exc))))
+            return
+        self._requests[req.id] = r
+        for c in r.choices:
+            self._choices[c.seq.seq_id] = c
+            self.scheduler.add(c.seq)
+
+    def _build_request(self, req: wire.GenerationRequest) -> _Request:
+        p = req.params
+        prompt = list(req.prompt_ids)
+        if not prompt:
+            raise RequestError("invalid_request", "the prompt is empty: at least one token is needed")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError(
+                "invalid_request", f"prompt token ids out of the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+            )
+        if p.n < 1:
+            raise RequestError("invalid_request", f"n must be >= 1, got {p.n}")
+        bad = [t for t in p.logit_bias if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RequestError("invalid_request", f"logit_bias token ids out of the vocabulary: {bad[:5]}")
+        if p.max_tokens < 1:
+            raise RequestError("invalid_request", f"max_tokens must be >= 1, got {p.max_tokens}")
+        if len(prompt) >= self.max_model_len:
+            raise RequestError(
+                "context_length_exceeded",
+                f"the prompt has {len(prompt)} tokens; this worker serves at most {self.max_model_len} tokens "
+                f"(prompt + completion)",
+            )
+        max_tokens = min(p.max_tokens, self.max_model_len - len(prompt))  # the context limit ends it as "length"
+        reason = self.scheduler.fits(len(prompt) + max_tokens)
+        if reason is not None:
+            raise RequestError("kv_cache_exceeded", reason)
+        r = _Request(req, _arrival(req.created))
+        for i in range(p.n):
+            seq = Sequence(f"{req.id}#{i}", prompt, max_tokens)
+            try:  # choice i draws from seed + i, so n choices differ yet each is reproducible
+                sampling = SamplingState(p, prompt, seq.output_ids, make_generator(p.seed, i, self.device))
+                stop = StopChecker(p.stop, p.include_stop_str_in_output)
+            except ValueError as exc:
+                raise RequestError("invalid_request", str(exc)) from exc
+            detok = IncrementalDetokenizer(self.tokenizer.tokenizer, prompt)
+            r.choices.append(_Choice(req.id, i, seq, sampling, detok, stop))
+        return r
+
+    def _abort(self, request_id: str, events: list[Event]) -> None:
+        r = self._requests.get(request_id)
+        if r is None:
+            return  # already finished, or never here: nothing to free
+        for c in r.choices:
+            if not c.finished:
+                self._finish(r, c, "abort", None, events)
+
+    # -- one forward --------------------------------------------------------------------------------------------------
+    def _forward_and_sample(self, plan: StepPlan) -> list[tuple[_Choice, SampledToken]]:
+        batch = build_forward_batch(plan, self.device)
+        with torch.inference_mode():
+            logits = self.model.forward(batch, self.cache)
+            choices = [self._choices[item.seq.seq_id] for item in plan.scheduled if item.samples]
+            if not choices:
+                return []
+            tokens = sample(logits, [c.sampling for c in choices])
+        return list(zip(choices, tokens, strict=True))
+
+    # -- per token ----------------------------------------------------------------------------------------------------
+    def _on_token(self, c: _Choice, token: SampledToken, now: float, events: list[Event]) -> None:
+        r = self._requests[c.request_id]
+        p = r.req.params
+        tok = int(token.token_id)
+        c.seq.output_ids.append(tok)
+        self.metrics.generation_tokens.inc()
+        if r.first_token_at is None:
+            r.first_token_at = now
+            self.metrics.time_to_first_token.observe(now - r.arrival)
+            self.metrics.prompt_tokens.inc(len(r.req.prompt_ids))
+            if r.first_scheduled_at is not None:
+                self.metrics.request_prefill_time.observe(now - r.first_scheduled_at)
+        if c.last_token_at is not None:
+            self.metrics.inter_token_latency.observe(now - c.last_token_at)
+        c.last_token_at = r.last_token_at = now
+
+        finish_reason: str | None = None
+        stop_reason: str | int | None = None
+        if tok in p.stop_token_ids or (tok in self.eos_token_ids and not p.ignore_eos):
+            # a stop token ends the choice; its own text is never emitted
+            token_ids: list[int] = []
+            text, matched = c.stop.push(c.detok.flush())
+            finish_reason, stop_reason = "stop", matched or (tok if tok in p.stop_token_ids else None)
+            if matched is None:
+                text += c.stop.flush()
+        else:
+            token_ids = [tok]
+            text, matched = c.stop.push(c.detok.push(tok))
+            if matched is not None:
+                finish_reason, stop_reason = "stop", matched
+            elif len(c.seq.output_ids) >= c.seq.max_tokens:
+                tail, matched = c.stop.push(c.detok.flush())
+                text += tail
+                if matched is not None:
+                    finish_reason, stop_reason = "stop", matched
+                else:
+                    finish_reason = "length"
+                    text += c.stop.flush()
+        if text or token_ids:
+            logprobs = [self._logprob_entry(token)] if token_ids and (p.logprobs or p.top_logprobs) else None
+            events.append(
+                (r.req.id, {"type": wire.EVENT_DELTA, "index": c.index, "text": text, "token_ids": token_ids,
+                            "logprobs": logprobs})
+            )  # fmt: skip
+        if finish_reason is not None:
+            self._finish(r, c, finish_reason, stop_reason, events)
+
+    def _logprob_entry(self, token: SampledToken) -> dict[str, Any]:
+        text, raw = self._token_piece(int(token.token_id))
+        top = [[self._token_piece(int(t))[0], int(t), float(lp)] for t, lp in token.top]
+        return {"token": text, "id": int(token.token_id), "logprob": float(token.logprob), "bytes": raw, "top": top}
+
+    def _token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """One token's own text and bytes (cached: the vocabulary is fixed)."""
+        piece = self._token_pieces.get(token_id)
+        if piece is None:
+            raw = token_bytes(self.tokenizer.tokenizer, token_id)
+            piece = self._token_pieces[token_id] = (raw.decode("utf-8", errors="replace"), list(raw))
+        return piece
+
+    # -- finishing ----------------------------------------------------------------------------------------------------
+    def _release(self, c: _Choice) -> None:
+        c.finished = True
+        self.scheduler.finish(c.seq)
+        del self._choices[c.seq.seq_id]
+        with self._cond:
+            self._num_live_seqs -= 1
+
+    def _finish(self, r: _Request, c: _Choice, reason: str, stop_reason: str | int | None, events: list[Event]) -> None:
+        self._release(c)
+        self.metrics.request_success(reason)
+        events.append(
+            (r.req.id, {"type": wire.EVENT_FINISH, "index": c.index, "finish_reason": reason,
+                        "completion_tokens": len(c.seq.output_ids), "stop_reason": stop_reason})
+        )  # fmt: skip
+        if r.finished:
+            events.append((r.req.id, self._done_event(r)))
+            del self._requests[r.req.id]
+
+    def _done_event(self, r: _Request) -> dict[str, Any]:
+        now = time.monotonic()
+        prompt_tokens = len(r.req.prompt_ids)
+        completion_tokens = sum(len(c.seq.output_ids) for c in r.choices)
+        self.metrics.e2e_request_latency.observe(now - r.arrival)
+        if r.first_token_at is not None and r.last_token_at is not None:
+            self.metrics.request_decode_time.observe(r.last_token_at - r.first_token_at)
+        return {
+            "type": wire.EVENT_DONE,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+            "timings": {
+                "queue_s": (r.first_scheduled_at or now) - r.arrival,
+                "ttft_s": None if r.first_token_at is None else r.first_token_at - r.arrival,
+                "total_s": now - r.arrival,
+            },
+            "worker_id": self.cfg.worker_id,
+        }
+
+    def _update_gauges(self) -> None:
+        self.metrics.num_requests_running.set(len(self.scheduler.running))
+        self.metrics.num_requests_waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage_perc.set(self.scheduler.kv_usage)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"type": wire.EVENT_ERROR, "message": message, "code": code}
+
+
+def build_forward_batch(plan: StepPlan, device: torch.device) -> ForwardBatch:
+    """The scheduler's plan as the tensors of one ragged forward (see inference_worker/batch.py)."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_rows: list[int] = []
+    max_pages = max(len(item.block_table) for item in plan.scheduled)
+    tables = torch.zeros((len(plan.scheduled), max_pages), dtype=torch.int64)
+    for row, item in enumerate(plan.scheduled):
+        input_ids += item.token_ids
+        positions += item.positions
+        slots += item.slot_mapping
+        tables[row, : len(item.block_table)] = torch.tensor(item.block_table, dtype=torch.int64)
+        if item.samples:
+            logits_rows.append(len(input_ids) - 1)
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=as_tensor(input_ids),
+        positions=as_tensor(positions),
+        query_lens=[item.query_len for item in plan.scheduled],
+        context_lens=[item.context_len for item in plan.scheduled],
+        block_tables=tables.to(device, non_blocking=True),
+        slot_mapping=as_tensor(slots),
+        logits_indices=as_tensor(logits_rows),
+    )
+
+
+# -- sizing -----------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"TRELLIS_DEVICE={name!r} but no CUDA device is available")
+    return device
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"TRELLIS_DTYPE={name!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def default_kv_cache_tokens(device: torch.device, max_model_len: int, max_batch_size: int, bytes_per_token: int) -> int:
+    """kv_cache_tokens=0: a full batch of full contexts (more could never be used at once), within a memory budget:
+    ~90% of the free memory on CUDA, ~1 GiB on CPU."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * GPU_KV_CACHE_FRACTION)
+    else:
+        budget = CPU_KV_CACHE_BYTES
+    return min(max_model_len * max_batch_size, budget // bytes_per_token)
+
+
+def _model_dtype(model: Any) -> torch.dtype:
+    """The dtype the model computes in (its first floating-point tensor), which the KV cache stores."""
+    tensors = [*model.parameters(), *model.buffers()] if isinstance(model, torch.nn.Module) else []
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Byte-level BPE writes each byte as a printable character (GPT-2's table); this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_DECODER = _gpt2_byte_decoder()
+
+
+def token_bytes(tokenizer: tokenizers.Tokenizer, token_id: int) -> bytes:
+    """The exact bytes one token stands for (a piece of a UTF-8 character stays a piece, as OpenAI's logprobs show)."""
+    piece = tokenizer.id_to_token(token_id) or ""
+    if isinstance(tokenizer.decoder, tokenizers.decoders.ByteLevel) and all(c in _BYTE_DECODER for c in piece):
+        return bytes(_BYTE_DECODER[c] for c in piece)
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # SentencePiece byte fallback
+        return bytes([int(piece[3:5], 16)])
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+# -- the model thread -------------------------------------------------------------------------------------------------
+class EngineLoop:
+    """Runs ``engine.step()`` on a dedicated thread, sleeping when idle, and hands events to ``on_events``."""
+
+    IDLE_WAIT_S = 0.5
+
+    def __init__(self, engine: Engine, on_events: Callable[[list[Event]], None]) -> None:
+        self.engine = engine
+        self.on_events = on_events
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("EngineLoop already started")
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Finish the current step, then end the thread."""
+        self._stopping.set()
+        self.engine.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("engine loop did not stop within %s s", timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            if not self.engine.wait_for_work(self.IDLE_WAIT_S):
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # one bad step must not leave clients hanging: end their requests
+                log.exception("engine step failed")
+                events = self.engine.fail_all(f"inference failed: {type(exc).__name__}: {exc}")
+            if events:
+                try:
+                    self.on_events(events)
+                except Exception:
+                    log.exception("delivering %d events failed", len(events))

@@ -1,0 +1,58 @@
+"""Prometheus metrics of one inference worker: vLLM's metric names behind a ``trellis_`` prefix, labelled by model.
+
+The registry is passed in (the worker's own, or a test's), never the global default, so several engines can live in
+one process. The engine is the only writer.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From ~1 ms (an H200 decode step) to ~60 s (a long CPU request): fine enough at both ends to read percentiles.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
+)  # fmt: skip
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry, model: str) -> None:
+        self.model = model
+        labels = ["model"]
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, registry=registry, buckets=LATENCY_BUCKETS).labels(model=model)
+
+        self.num_requests_running = Gauge(
+            "trellis_num_requests_running", "Sequences in the running batch.", labels, registry=registry
+        ).labels(model=model)
+        self.num_requests_waiting = Gauge(
+            "trellis_num_requests_waiting", "Sequences waiting for a slot or KV pages.", labels, registry=registry
+        ).labels(model=model)
+        self.kv_cache_usage_perc = Gauge(
+            "trellis_kv_cache_usage_perc", "Fraction of KV cache pages in use (0 to 1).", labels, registry=registry
+        ).labels(model=model)
+        self.prompt_tokens = Counter(
+            "trellis_prompt_tokens", "Prompt tokens prefilled (once per request).", labels, registry=registry
+        ).labels(model=model)
+        self.generation_tokens = Counter(
+            "trellis_generation_tokens", "Tokens generated.", labels, registry=registry
+        ).labels(model=model)
+        self.num_preemptions = Counter(
+            "trellis_num_preemptions", "Sequences preempted to free KV pages.", labels, registry=registry
+        ).labels(model=model)
+        self._request_success = Counter(
+            "trellis_request_success",
+            "Finished choices, by finish reason.",
+            ["model", "finish_reason"],
+            registry=registry,
+        )
+        self.time_to_first_token = histogram("trellis_time_to_first_token_seconds", "Arrival to first token.")
+        self.inter_token_latency = histogram("trellis_inter_token_latency_seconds", "Time between tokens of a choice.")
+        self.e2e_request_latency = histogram("trellis_e2e_request_latency_seconds", "Arrival to the last event.")
+        self.request_queue_time = histogram("trellis_request_queue_time_seconds", "Arrival to first scheduled.")
+        self.request_prefill_time = histogram("trellis_request_prefill_time_seconds", "First scheduled to first token.")
+        self.request_decode_time = histogram("trellis_request_decode_time_seconds", "First token to the last one.")
+
+    def request_success(self, finish_reason: str) -> None:
+        self._request_success.labels(model=self.model, finish_reason=finish_reason).inc()
