@@ -1,0 +1,252 @@
+"""Serving benchmark: the same workload through the gateway (HTTP/SSE -> Redis -> worker) and in-process.
+
+    python bench/serving.py                          # starts Redis + gateway + worker on the default model
+    python bench/serving.py --base-url http://127.0.0.1:8000 --model ID   # against a running suite
+    python bench/serving.py --concurrency 1 4 8 --rate 2 --requests 32 --max-tokens 64
+
+Reports TTFT, inter-token latency and end-to-end latency (p50/p90/p99), output tokens/s and errors for each load
+pattern, then the same requests driven straight into the engine in this process, so the cost of the gateway + Redis
+hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency).
+Loopback only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS = [
+    "Explain why the sky is blue in two sentences.",
+    "Write a haiku about autumn leaves.",
+    "List three uses of a paperclip.",
+    "What is the difference between weather and climate?",
+    "Describe a cat to someone who has never seen one.",
+    "Give me a recipe for a simple tomato soup.",
+    "Why do we have seasons on Earth?",
+    "Summarise the plot of a detective story in one paragraph.",
+]
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    tokens: int = 0
+    error: str = ""
+
+
+def pct(xs: list[float], p: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = min(len(xs) - 1, max(0, round(p / 100 * (len(xs) - 1))))
+    return xs[k]
+
+
+def summarize(name: str, results: list[Result], wall: float) -> dict:
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok]
+    itl = [x for r in ok for x in r.itl]
+    e2e = [r.e2e for r in ok]
+    toks = sum(r.tokens for r in ok)
+    return {
+        "name": name, "requests": len(results), "errors": len(results) - len(ok),
+        "ttft_ms": {p: 1000 * pct(ttft, p) for p in (50, 90, 99)},
+        "itl_ms": {p: 1000 * pct(itl, p) for p in (50, 90, 99)},
+        "e2e_s": {p: pct(e2e, p) for p in (50, 90, 99)},
+        "output_tok_s": toks / wall if wall > 0 else 0.0, "wall_s": wall,
+        "first_error": next((r.error for r in results if not r.ok), ""),
+    }
+
+
+async def one_http(session: aiohttp.ClientSession, base: str, model: str, prompt: str, max_tokens: int) -> Result:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    t0 = time.perf_counter()
+    res = Result(ok=False)
+    last = None
+    try:
+        async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return res
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    res.tokens = chunk["usage"]["completion_tokens"]
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    now = time.perf_counter()
+                    if last is None:
+                        res.ttft = now - t0
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+        res.e2e = time.perf_counter() - t0
+        res.ok = last is not None
+        if not res.ok:
+            res.error = "no tokens"
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        res.error = repr(exc)
+    return res
+
+
+async def run_http(base: str, model: str, n: int, max_tokens: int, concurrency: int | None, rate: float | None
+                   ) -> tuple[list[Result], float]:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        sem = asyncio.Semaphore(concurrency or n)
+
+        async def guarded(i: int) -> Result:
+            async with sem:
+                return await one_http(session, base, model, PROMPTS[i % len(PROMPTS)], max_tokens)
+
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(guarded(i)))
+            if rate:
+                await asyncio.sleep(1.0 / rate)
+        results = await asyncio.gather(*tasks)
+        return list(results), time.perf_counter() - t0
+
+
+def run_in_process(
+    model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int
+) -> tuple[list[Result], float]:
+    """The same requests fed straight into an Engine in this process (no gateway, no Redis)."""
+    from inference_worker.engine import Engine
+    from shared.tokenizer import ModelTokenizer
+
+    from shared.settings import load_settings
+    from shared.wire import GenerationRequest, SamplingParams
+
+    settings = load_settings(max_batch_size=max(concurrency, 1))
+    engine = Engine.from_settings(model_dir, settings, model_id=model)
+    tok = ModelTokenizer.from_dir(model_dir)
+    pending = [
+        GenerationRequest(id=uuid.uuid4().hex, model=model,
+                          prompt_ids=tok.chat_prompt_ids([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
+                          params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+        for i in range(n)
+    ]
+    start: dict[str, float] = {}
+    last: dict[str, float] = {}
+    results: dict[str, Result] = {}
+    t0 = time.perf_counter()
+    while pending or engine.has_work():
+        while pending and len(start) - len(results) < concurrency:
+            req = pending.pop(0)
+            start[req.id] = time.perf_counter()
+            engine.add_request(req)
+        for rid, ev in engine.step():
+            now = time.perf_counter()
+            if ev["type"] == "delta" and ev.get("text"):
+                if rid not in last:
+                    results.setdefault(rid, Result(ok=False)).ttft = now - start[rid]
+                else:
+                    results[rid].itl.append(now - last[rid])
+                last[rid] = now
+            elif ev["type"] == "done":
+                r = results.setdefault(rid, Result(ok=False))
+                r.ok, r.e2e, r.tokens = True, now - start[rid], ev["usage"]["completion_tokens"]
+            elif ev["type"] == "error":
+                results[rid] = Result(ok=False, error=ev["message"])
+    return list(results.values()), time.perf_counter() - t0
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'run':<28}{'req':>5}{'err':>5}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'ITL p50':>9}{'p90':>8}{'p99':>8}"
+          f"{'E2E p50 s':>10}{'tok/s':>8}")
+    for r in rows:
+        t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_s"]
+        print(f"{r['name']:<28}{r['requests']:>5}{r['errors']:>5}{t[50]:>10.1f}{t[90]:>8.1f}{t[99]:>8.1f}"
+              f"{i[50]:>9.1f}{i[90]:>8.1f}{i[99]:>8.1f}{e[50]:>10.2f}{r['output_tok_s']:>8.1f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base-url", help="a running gateway; default: start Redis + gateway + worker here")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--models-dir", type=Path, help="default: TRELLIS_MODELS_DIR / var/models")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--rate", type=float, nargs="*", default=[2.0], help="requests/s for the fixed-rate runs")
+    ap.add_argument("--no-in-process", action="store_true")
+    ap.add_argument("--json", type=Path, help="write all numbers here")
+    args = ap.parse_args()
+
+    from shared.default_model import ensure_default_model
+
+    from shared.settings import load_settings
+
+    settings = load_settings()
+    models_dir = args.models_dir or settings.models_dir
+    if args.model == settings.default_model:
+        ensure_default_model(models_dir)
+    rows: list[dict] = []
+
+    async def http_runs(base: str) -> None:
+        await run_http(base, args.model, 2, 4, 2, None)  # warm-up
+        for c in args.concurrency:
+            res, wall = await run_http(base, args.model, args.requests, args.max_tokens, c, None)
+            rows.append(summarize(f"gateway concurrency={c}", res, wall))
+        for rate in args.rate or []:
+            res, wall = await run_http(base, args.model, args.requests, args.max_tokens, None, rate)
+            rows.append(summarize(f"gateway rate={rate}/s", res, wall))
+
+    if args.base_url:
+        asyncio.run(http_runs(args.base_url))
+    else:
+        from shared.redis_server import free_port, start_redis_server
+        from tests.suite import running_suite
+
+        port = free_port()
+        with tempfile.TemporaryDirectory() as tmp:
+            redis_proc = start_redis_server(port, Path(tmp) / "redis")
+            try:
+                with running_suite(f"redis://127.0.0.1:{port}/0", models_dir, args.model, Path(tmp),
+                                   TRELLIS_MAX_BATCH_SIZE=str(max(args.concurrency))) as base:
+                    asyncio.run(http_runs(base))
+            finally:
+                redis_proc.terminate()
+                redis_proc.wait()
+
+    if not args.no_in_process:
+        run_in_process(models_dir / args.model, args.model, 2, 4, 2)  # warm-up
+        for c in args.concurrency:
+            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c)
+            rows.append(summarize(f"in-process concurrency={c}", res, wall))
+
+    print_table(rows)
+    by_name = {r["name"]: r for r in rows}
+    for c in args.concurrency:
+        g, p = by_name.get(f"gateway concurrency={c}"), by_name.get(f"in-process concurrency={c}")
+        if g and p:
+            added_ttft = g["ttft_ms"][50] - p["ttft_ms"][50]
+            itl_ratio = g["itl_ms"][50] / p["itl_ms"][50]
+            print(f"hop cost at concurrency {c}: TTFT p50 +{added_ttft:.2f} ms, ITL p50 x{itl_ratio:.3f}, "
+                  f"tok/s x{g['output_tok_s'] / p['output_tok_s']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0 if all(r["errors"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
