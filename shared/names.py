@@ -36,3 +36,7 @@ def conversion_events(job_id: str) -> str:
 
 def deadletter_stream(name: str) -> str:
     return f"deadletter:{name}"
+
+
+def converter_key(converter_id: str) -> str:
+    return f"converters:{converter_id}"
