@@ -92,9 +92,8 @@ def build_linear(prefix: str, source: TensorSource, dtype: torch.dtype, device: 
         if detect(prefix, source):
             return build(prefix, source, dtype, device)
     found = sorted(name for name in source.keys() if name.startswith(prefix + "."))
-    raise KeyError(
-        f"no known linear format for {prefix!r} in {source.model_dir}: tensors under it are {found or 'none'}"
-    )
+    where = getattr(source, "model_dir", "the tensor source")
+    raise KeyError(f"no known linear format for {prefix!r} in {where}: tensors under it are {found or 'none'}")
 
 
 class RMSNorm(nn.Module):
