@@ -16,7 +16,9 @@ async def _run(model_id: str, settings, log) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from inference_worker.engine import Engine
+    from inference_worker.metrics import ServiceMetrics
     from inference_worker.service import WorkerService
+    from shared import names
     from shared.redis_server import free_port
 
     model_dir = settings.models_dir / model_id
@@ -26,12 +28,15 @@ async def _run(model_id: str, settings, log) -> int:
     registry = CollectorRegistry()
     t0 = time.monotonic()
     engine = await asyncio.to_thread(Engine.from_settings, model_dir, settings, model_id=model_id, registry=registry)
-    log.info("loaded %s on %s in %.1f s", model_id, engine.device, time.monotonic() - t0)
+    load_seconds = time.monotonic() - t0
+    log.info("loaded %s on %s in %.1f s", model_id, engine.device, load_seconds)
     port = settings.worker_metrics_port or free_port()
     start_http_server(port, addr=settings.host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", settings.host, port)
 
-    service = WorkerService(engine, settings, model_id, metrics_port=port)
+    metrics = ServiceMetrics(registry, model_id, names.requests_stream(model_id))
+    metrics.model_load_seconds.set(load_seconds)
+    service = WorkerService(engine, settings, model_id, metrics=metrics, metrics_port=port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, service.stop)

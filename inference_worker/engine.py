@@ -276,12 +276,25 @@ class Engine:
             return
         self._requests[req.id] = r
         for c in r.choices:
-            self._choices[c.seq.seq_id] = c
-            self.scheduler.add(c.seq)
+            if c.finished:  # finished before a crash of the worker that ran it first (resumed request)
+                with self._cond:
+                    self._num_live_seqs -= 1
+            elif len(c.seq.output_ids) >= c.seq.max_tokens:  # the crash came after its last token
+                self._choices[c.seq.seq_id] = c
+                self.scheduler.add(c.seq)
+                self._finish(r, c, "length", None, events)
+            else:
+                self._choices[c.seq.seq_id] = c
+                self.scheduler.add(c.seq)
+        if req.id in self._requests and r.finished:
+            events.append((req.id, self._done_event(r)))
+            del self._requests[req.id]
 
     def _build_request(self, req: wire.GenerationRequest) -> _Request:
         p = req.params
         prompt = list(req.prompt_ids)
+        if req.deadline and time.time() > req.deadline:
+            raise RequestError("deadline_exceeded", "the request was not started before its deadline")
         if not prompt:
             raise RequestError("invalid_request", "the prompt is empty: at least one token is needed")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -308,14 +321,16 @@ class Engine:
             raise RequestError("kv_cache_exceeded", reason)
         r = _Request(req, _arrival(req.created))
         for i in range(p.n):
-            seq = Sequence(f"{req.id}#{i}", prompt, max_tokens)
+            # a resumed choice continues after the tokens its client already has (recomputed like a preemption)
+            streamed = list(req.resume_tokens.get(i, ()))
+            seq = Sequence(f"{req.id}#{i}", prompt, max_tokens, output_ids=streamed)
             try:  # choice i draws from seed + i, so n choices differ yet each is reproducible
                 sampling = SamplingState(p, prompt, seq.output_ids, make_generator(p.seed, i, self.device))
                 stop = StopChecker(p.stop, p.include_stop_str_in_output)
             except ValueError as exc:
                 raise RequestError("invalid_request", str(exc)) from exc
-            detok = IncrementalDetokenizer(self.tokenizer.tokenizer, prompt)
-            r.choices.append(_Choice(req.id, i, seq, sampling, detok, stop))
+            detok = IncrementalDetokenizer(self.tokenizer.tokenizer, prompt + streamed)
+            r.choices.append(_Choice(req.id, i, seq, sampling, detok, stop, finished=i in req.finished_choices))
         return r
 
     def _abort(self, request_id: str, events: list[Event]) -> None:

@@ -56,3 +56,23 @@ class WorkerMetrics:
 
     def request_success(self, finish_reason: str) -> None:
         self._request_success.labels(model=self.model, finish_reason=finish_reason).inc()
+
+
+class ServiceMetrics:
+    """The Redis side of a worker: load time, heartbeats, reclaimed and dead-lettered stream entries."""
+
+    def __init__(self, registry: CollectorRegistry, model: str, stream: str) -> None:
+        self.model_load_seconds = Gauge(
+            "trellis_model_load_seconds", "Seconds the worker took to load its model.", ["model"], registry=registry
+        ).labels(model=model)
+        self.last_heartbeat = Gauge(
+            "trellis_worker_last_heartbeat_timestamp_seconds", "Unix time of the worker's last heartbeat.", ["model"],
+            registry=registry,
+        ).labels(model=model)
+        # created at 0 so that the first reclaim or dead letter shows as an increase
+        self.reclaimed = Counter(
+            "trellis_stream_reclaimed", "Entries taken over from a dead consumer.", ["stream"], registry=registry
+        ).labels(stream=stream)
+        self.dead_letters = Counter(
+            "trellis_dead_letters", "Entries moved to the dead-letter stream.", ["stream"], registry=registry
+        ).labels(stream=stream)

@@ -15,8 +15,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
+from prometheus_client import CollectorRegistry
+from redis.exceptions import ResponseError
 
 from inference_worker.engine import Engine, EngineLoop
+from inference_worker.metrics import ServiceMetrics
 from shared import names, wire
 from shared.redis_streams import ensure_group, entry, payload
 from shared.settings import Settings
@@ -25,6 +28,7 @@ log = logging.getLogger("inference_worker.service")
 
 INTAKE_BLOCK_MS = 500
 CANCEL_POLL_S = 0.05
+PUBLISH_RETRY_S = 5.0  # events that cannot reach Redis for this long are dropped and their requests aborted
 
 
 @dataclass
@@ -34,13 +38,21 @@ class ActiveRequest:
 
 
 class WorkerService:
-    def __init__(self, engine: Engine, settings: Settings, model_id: str, metrics_port: int = 0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        model_id: str,
+        metrics: ServiceMetrics | None = None,
+        metrics_port: int = 0,
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.model_id = model_id
         self.metrics_port = metrics_port
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stream = names.requests_stream(model_id)
+        self.metrics = metrics or ServiceMetrics(CollectorRegistry(), model_id, self.stream)
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url)
         self.active: dict[str, ActiveRequest] = {}
         self.events: asyncio.Queue[list[tuple[str, dict]]] = asyncio.Queue()
@@ -59,7 +71,7 @@ class WorkerService:
         await self._heartbeat_once()
         log.info("worker %s serving %s from %s", self.worker_id, self.model_id, self.stream)
         tasks = [asyncio.create_task(c) for c in (self._intake(), self._publish(), self._watch_cancels(),
-                                                   self._heartbeat())]
+                                                   self._heartbeat(), self._reclaim())]
         try:
             await self.stopping.wait()
             await self._drain()
@@ -101,42 +113,139 @@ class WorkerService:
                 log.warning("redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
                 continue
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # Redis came back empty (restarted without persistence): the group must be made again
+                await ensure_group(self.redis, self.stream, names.WORKER_GROUP)
+                continue
             for _stream, entries in resp or []:
                 for entry_id, fields in entries:
                     await self._admit(entry_id, fields)
 
-    async def _admit(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+    async def _admit(self, entry_id: bytes, fields: dict[bytes, bytes] | None, resumed: bool = False) -> None:
         try:
             req = wire.GenerationRequest.from_dict(payload(fields))
         except Exception as exc:  # a malformed entry must not kill the worker; it is acked and dropped
             log.error("dropping malformed request entry %s: %s", entry_id, exc)
             await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
             return
+        if req.id in self.active:
+            return  # already ours
+        if resumed and not await self._prepare_resume(req):
+            await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)  # its stream had already ended
+            return
         self.active[req.id] = ActiveRequest(entry_id)
         self.engine.add_request(req)
 
+    async def _prepare_resume(self, req: wire.GenerationRequest) -> bool:
+        """Fill req.resume_tokens / finished_choices from what out:{id} already holds; False if it has ended."""
+        for _entry_id, fields in await self.redis.xrange(names.output_stream(req.id)):
+            event = payload(fields)
+            kind = event.get("type")
+            if kind in wire.TERMINAL_EVENTS:
+                return False
+            if kind == wire.EVENT_DELTA:
+                req.resume_tokens.setdefault(int(event["index"]), []).extend(event.get("token_ids") or [])
+            elif kind == wire.EVENT_FINISH:
+                req.finished_choices.append(int(event["index"]))
+        log.info("resuming request %s after %s streamed tokens", req.id,
+                 {i: len(t) for i, t in req.resume_tokens.items()})
+        return True
+
+    async def _reclaim(self) -> None:
+        """Take over requests whose worker died: entries pending longer than reclaim_idle_seconds (a live owner
+        refreshes its own every heartbeat). An entry delivered max_deliveries times goes to the dead-letter stream."""
+        idle_ms = int(self.settings.reclaim_idle_seconds * 1000)
+        while not self.stopping.is_set():
+            await asyncio.sleep(max(0.5, self.settings.reclaim_idle_seconds / 4))
+            room = self.engine.free_slots()
+            if room <= 0 or self.stopping.is_set():
+                continue
+            try:
+                _next, claimed, *_ = await self.redis.xautoclaim(
+                    self.stream, names.WORKER_GROUP, self.worker_id, min_idle_time=idle_ms, start_id="0-0", count=room
+                )
+                for entry_id, fields in claimed:
+                    if fields is None:  # trimmed away while pending: nothing to run
+                        await self.redis.xack(self.stream, names.WORKER_GROUP, entry_id)
+                        continue
+                    pending = await self.redis.xpending_range(self.stream, names.WORKER_GROUP, min=entry_id,
+                                                              max=entry_id, count=1)
+                    deliveries = pending[0]["times_delivered"] if pending else 1
+                    if deliveries > self.settings.max_deliveries:
+                        await self._dead_letter(entry_id, fields, deliveries)
+                    else:
+                        self.metrics.reclaimed.inc()
+                        await self._admit(entry_id, fields, resumed=True)
+            except (aioredis.ConnectionError, ResponseError) as exc:
+                log.warning("reclaim failed: %s", exc)
+
+    async def _dead_letter(self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int) -> None:
+        """Park an entry that keeps failing, and end its client's stream with an error instead of a hang."""
+        request_id = None
+        try:
+            request_id = payload(fields).get("id")
+        except Exception:  # the dead-letter stream keeps the raw entry either way
+            pass
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.xadd(names.deadletter_stream(self.stream), {**fields, b"reason": f"delivered {deliveries} times"},
+                  maxlen=10_000, approximate=True)
+        if request_id:
+            out = names.output_stream(request_id)
+            pipe.xadd(out, entry({"type": wire.EVENT_ERROR, "code": "worker_failed",
+                                  "message": f"the request failed on {deliveries} workers and was dead-lettered"}))
+            pipe.expire(out, self.settings.output_ttl_seconds)
+        pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
+        await pipe.execute()
+        self.metrics.dead_letters.inc()
+        log.error("dead-lettered request %s after %d deliveries", request_id, deliveries)
+
     async def _publish(self) -> None:
-        ttl = self.settings.output_ttl_seconds
         while True:
             batch = await self.events.get()
             while not self.events.empty():  # coalesce whatever else is ready into one round trip
                 batch.extend(self.events.get_nowait())
-            pipe = self.redis.pipeline(transaction=False)
-            finished: list[str] = []
-            for request_id, event in batch:
-                stream = names.output_stream(request_id)
-                pipe.xadd(stream, entry(event))
-                if event["type"] in wire.TERMINAL_EVENTS:
-                    pipe.expire(stream, ttl)
-                    finished.append(request_id)
-            for request_id in finished:
-                active = self.active.pop(request_id, None)
-                if active is not None:
-                    pipe.xack(self.stream, names.WORKER_GROUP, active.entry_id)
-                pipe.delete(names.cancel_key(request_id))
-            await pipe.execute()
-            if finished:
-                self.room.set()
+            deadline = time.monotonic() + PUBLISH_RETRY_S
+            while True:
+                try:
+                    await self._write_events(batch)
+                    break
+                except aioredis.ConnectionError as exc:
+                    if time.monotonic() > deadline:
+                        # The gateway has already ended these streams with an error; stop spending compute.
+                        lost = {request_id for request_id, _ in batch}
+                        log.error("redis unreachable for %.0f s (%s): aborting %d requests", PUBLISH_RETRY_S, exc,
+                                  len(lost))
+                        for request_id in lost:
+                            self.active.pop(request_id, None)
+                            self.engine.abort(request_id)
+                        self.room.set()
+                        break
+                    await asyncio.sleep(0.2)
+
+    async def _write_events(self, batch: list[tuple[str, dict]]) -> None:
+        ttl = self.settings.output_ttl_seconds
+        pipe = self.redis.pipeline(transaction=False)
+        finished: list[str] = []
+        for request_id, event in batch:
+            if request_id not in self.active and event["type"] not in wire.TERMINAL_EVENTS:
+                continue  # a request we gave up on (see _publish)
+            stream = names.output_stream(request_id)
+            pipe.xadd(stream, entry(event))
+            if event["type"] in wire.TERMINAL_EVENTS:
+                pipe.expire(stream, ttl)
+                finished.append(request_id)
+        for request_id in finished:
+            active = self.active.get(request_id)
+            if active is not None:
+                pipe.xack(self.stream, names.WORKER_GROUP, active.entry_id)
+            pipe.delete(names.cancel_key(request_id))
+        await pipe.execute()
+        for request_id in finished:
+            self.active.pop(request_id, None)
+        if finished:
+            self.room.set()
 
     async def _watch_cancels(self) -> None:
         while True:
@@ -175,7 +284,11 @@ class WorkerService:
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(3, int(self.settings.heartbeat_seconds * 3)))
+        entry_ids = [a.entry_id for a in self.active.values()]
+        if entry_ids:  # reset their idle time: entries of a live worker are never reclaimed by another
+            pipe.xclaim(self.stream, names.WORKER_GROUP, self.worker_id, 0, entry_ids, justid=True)
         await pipe.execute()
+        self.metrics.last_heartbeat.set(now)
 
     async def _heartbeat(self) -> None:
         while True:

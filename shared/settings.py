@@ -47,6 +47,10 @@ class Settings:
     kv_page_size: int = 16
     max_model_len: int = 0  # 0: the model's own context length
     heartbeat_seconds: float = 2.0
+    # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner
+    # refreshes its entries every heartbeat, so only a dead worker's entries ever get this idle).
+    reclaim_idle_seconds: float = 10.0
+    max_deliveries: int = 3  # a request delivered this many times without finishing goes to the dead-letter stream
     worker_metrics_port: int = 0  # 0: pick a free port (several workers on one host)
     worker_id: str = ""
 

@@ -45,6 +45,12 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     created: float = 0.0  # unix time the gateway accepted it (queue time is measured from here)
+    deadline: float = 0.0  # unix time by which it must have started; 0 = none. Late requests never run.
+    # Set only by a worker that reclaims a request another worker left unfinished (crash): per choice index the
+    # token ids already streamed to the client, and the choices that already finished. Generation continues
+    # after them so the client's stream has no gap and no duplicate.
+    resume_tokens: dict[int, list[int]] = field(default_factory=dict)
+    finished_choices: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,6 +66,9 @@ class GenerationRequest:
             prompt_ids=list(d["prompt_ids"]),
             params=SamplingParams(**params),
             created=float(d.get("created", 0.0)),
+            deadline=float(d.get("deadline", 0.0)),
+            resume_tokens={int(k): list(v) for k, v in (d.get("resume_tokens") or {}).items()},
+            finished_choices=list(d.get("finished_choices") or []),
         )
 
 
