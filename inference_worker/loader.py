@@ -1,30 +1,24 @@
-"""Load a model directory onto a device: read config.json, pick the architecture, build it from the safetensors."""
+"""Load a model directory onto a device: read config.json, pick the family, build it from the safetensors."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
-from inference_worker.models import ARCHITECTURES
+from inference_worker.models import find_spec
+from inference_worker.models.decoder import DecoderConfig, DecoderModel, build_decoder
 from shared.model_dir import TensorSource, load_config
 
 
-def load_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[nn.Module, Any]:
-    """(model in eval mode on ``device`` in ``dtype``, its parsed config) for the model stored in ``model_dir``."""
+def load_model(model_dir: Path, device: torch.device | str, dtype: torch.dtype) -> tuple[DecoderModel, DecoderConfig]:
+    """(model in eval mode on ``device`` in ``dtype``, its parsed config) for the model stored in ``model_dir``.
+
+    An architecture Trellis does not support is refused here, before any weight is read."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    names = config.get("architectures") or []
-    if not names:
-        raise ValueError(f"{model_dir}/config.json has no 'architectures' entry, so the model type is unknown")
-    builder = ARCHITECTURES.get(names[0])
-    if builder is None:
-        raise ValueError(
-            f"{model_dir} holds a {names[0]} model, which Trellis cannot run yet "
-            f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
+    spec = find_spec(config, model_dir)
+    parsed = DecoderConfig.from_hf(config, spec)
     with TensorSource(model_dir) as source:
-        model, parsed = builder(config, source, dtype, torch.device(device))
+        model = build_decoder(parsed, spec, source, dtype, torch.device(device))
     return model.eval().requires_grad_(False), parsed
