@@ -131,9 +131,8 @@ def run_in_process(
 ) -> tuple[list[Result], float]:
     """The same requests fed straight into an Engine in this process (no gateway, no Redis)."""
     from inference_worker.engine import Engine
-    from shared.tokenizer import ModelTokenizer
-
     from shared.settings import load_settings
+    from shared.tokenizer import ModelTokenizer
     from shared.wire import GenerationRequest, SamplingParams
 
     settings = load_settings(max_batch_size=max(concurrency, 1))
@@ -148,25 +147,30 @@ def run_in_process(
     start: dict[str, float] = {}
     last: dict[str, float] = {}
     results: dict[str, Result] = {}
+    in_flight: set[str] = set()
     t0 = time.perf_counter()
     while pending or engine.has_work():
-        while pending and len(start) - len(results) < concurrency:
+        while pending and len(in_flight) < concurrency:
             req = pending.pop(0)
             start[req.id] = time.perf_counter()
+            results[req.id] = Result(ok=False)
+            in_flight.add(req.id)
             engine.add_request(req)
         for rid, ev in engine.step():
             now = time.perf_counter()
+            r = results[rid]
             if ev["type"] == "delta" and ev.get("text"):
                 if rid not in last:
-                    results.setdefault(rid, Result(ok=False)).ttft = now - start[rid]
+                    r.ttft = now - start[rid]
                 else:
-                    results[rid].itl.append(now - last[rid])
+                    r.itl.append(now - last[rid])
                 last[rid] = now
             elif ev["type"] == "done":
-                r = results.setdefault(rid, Result(ok=False))
                 r.ok, r.e2e, r.tokens = True, now - start[rid], ev["usage"]["completion_tokens"]
+                in_flight.discard(rid)
             elif ev["type"] == "error":
-                results[rid] = Result(ok=False, error=ev["message"])
+                r.error = ev["message"]
+                in_flight.discard(rid)
     return list(results.values()), time.perf_counter() - t0
 
 
@@ -193,7 +197,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from shared.default_model import ensure_default_model
-
     from shared.settings import load_settings
 
     settings = load_settings()
