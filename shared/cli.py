@@ -36,6 +36,18 @@ def _synth(argv: list[str]) -> int:
     return cli_synth(argv)
 
 
+def _convert(argv: list[str]) -> int:
+    from converter_worker.cli import cli_convert
+
+    return cli_convert(argv)
+
+
+def _eval(argv: list[str]) -> int:
+    from converter_worker.cli import cli_eval
+
+    return cli_eval(argv)
+
+
 def _gateway(argv: list[str]) -> int:
     from gateway.__main__ import main
 
@@ -60,6 +72,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "inspect": (_inspect, "describe a model directory: architecture, per-tensor bits and codebook, sizes"),
     "dequant": (_dequant, "write the dense fp16 weight of one EXL3 linear"),
     "synth": (_synth, "write a synthetic EXL3 model with random codes (for benchmarks)"),
+    "convert": (_convert, "quantize a model directory or GGUF file to EXL3 (resumable: -r)"),
+    "eval": (_eval, "perplexity, KL divergence and top-1 agreement of a model against a reference"),
     "gateway": (_gateway, "run the HTTP gateway alone"),
     "worker": (_worker, "run one inference worker alone"),
     "converter": (_converter, "run one converter worker alone"),

@@ -30,6 +30,13 @@ def conversion_key(job_id: str) -> str:
     return f"conv:{job_id}"
 
 
+def conversion_cancel_key(job_id: str) -> str:
+    return f"conv:{job_id}:cancel"
+
+
+CONVERSION_JOBS = "conv:jobs"  # sorted set of job ids by submission time, for listing
+
+
 def conversion_events(job_id: str) -> str:
     return f"conv:{job_id}:events"
 

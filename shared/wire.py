@@ -7,6 +7,8 @@ Requests go gateway -> ``requests:{model}``; events go worker -> ``out:{request_
 from __future__ import annotations
 
 import dataclasses
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,14 @@ class GenerationRequest:
             resume_tokens={int(k): list(v) for k, v in (d.get("resume_tokens") or {}).items()},
             finished_choices=list(d.get("finished_choices") or []),
         )
+
+
+def conversion_job(source: str, output: str, bits: float, head_bits: int = 6, codebook: str = "mul1",
+                   cal_rows: int = 250, cal_cols: int = 2048, job_id: str | None = None) -> dict[str, Any]:
+    """A conversion job as the gateway enqueues it on the `conversions` stream (paths are model ids)."""
+    return {"id": job_id or uuid.uuid4().hex, "source": source, "output": output, "bits": bits,
+            "head_bits": head_bits, "codebook": codebook, "cal_rows": cal_rows, "cal_cols": cal_cols,
+            "created": time.time()}
 
 
 # Output events. Each is a dict with a "type":

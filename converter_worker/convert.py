@@ -1,0 +1,621 @@
+"""Convert a Llama-architecture model to EXL3, block by block, resumably.
+
+For each decoder block: run the calibration rows through it with its original weights, capturing the Hessian of
+every linear's input; quantize its seven linears (bits per the allocation plan, seeds derived from the block's
+tensor names); save the block's tensors to the work dir; run the rows through the *quantized* block to make the next
+block's inputs. Then the output head, then the output directory, assembled beside its final name and renamed into
+place last, so a directory under that name is always complete.
+
+The work dir is plain files anyone can ``ls``:
+    args.json                the arguments that shape the result (a resume must repeat them)
+    source/                  the imported model, when the input is a GGUF file
+    blocks/block-NNNN.safetensors   each finished block (quantized linears + norms; stats in the metadata)
+    checkpoint.pt            next block and the calibration state (hidden states), written atomically
+    head.safetensors         the finished output head
+    finished.json            written once the output directory is in place
+
+Every file is written to a temporary name and renamed, so ``kill -9`` at any moment leaves either the old or the
+new file. Blocks are a pure function of the checkpointed state and the arguments, so a resumed run recomputes
+exactly what an uninterrupted one would have: the output files are byte-identical.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from converter_worker.quant.bits import (
+    UNQUANTIZED_HEAD_BITS,
+    LinearShape,
+    allocate_bits,
+    average_bits,
+    check_bits,
+    check_head_bits,
+)
+from converter_worker.quant.block import LINEARS, NORMS, CalibrationBlock, input_features, linear_prefix
+from converter_worker.quant.calibration import calibration_rows
+from converter_worker.quant.hessian import HessianAccumulator
+from converter_worker.quant.ldlq import TileQuantizer
+from converter_worker.quant.linear import LinearSpec, quantize_linears
+from converter_worker.quant.viterbi import quantize_tiles
+from inference_worker.layers import DenseLinear, RMSNorm, RotaryEmbedding
+from inference_worker.models.llama import SPEC as LLAMA_SPEC
+from inference_worker.models.llama import LlamaConfig
+from kernels.exl3_ref import CODEBOOKS, reconstruct_weight
+from shared.exl3_format import QUANT_CONFIG_FILE, QUANT_METHOD, exl3_tensors_to_dict, read_exl3_linear, tensor_storage
+from shared.exl3_synth import WRITER_VERSION
+from shared.model_dir import CONFIG_FILE, WEIGHTS_INDEX_FILE, TensorSource, load_config
+
+ARGS_FILE = "args.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+HEAD_FILE = "head.safetensors"
+FINISHED_FILE = "finished.json"
+BLOCKS_DIR = "blocks"
+SOURCE_DIR = "source"
+RESULT_ARGS = ("input", "bits", "head_bits", "codebook", "cal_rows", "cal_cols", "seed")  # fixed once started
+_NOT_COPIED = {CONFIG_FILE, WEIGHTS_INDEX_FILE, QUANT_CONFIG_FILE}
+_WEIGHT_SUFFIXES = {".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt"}
+_DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
+
+
+class ConversionError(Exception):
+    """A conversion that cannot go on; the message says why and what to do. The work dir stays resumable."""
+
+
+class ConversionCancelled(ConversionError):
+    """The caller's stop() asked to stop between blocks; the work dir stays resumable."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    input: Path
+    output: Path
+    work_dir: Path
+    bits: float
+    head_bits: int = 6
+    codebook: str = "mul1"
+    cal_rows: int = 250
+    cal_cols: int = 2048
+    seed: int = 0
+    device: str = "auto"
+    checkpoint_seconds: float = 60.0  # least time between checkpoints (the last block always checkpoints)
+    max_shard_bytes: int = 4 * 1024**3
+
+    def result_args(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["input"] = str(Path(self.input).resolve())
+        return {name: values[name] for name in RESULT_ARGS}
+
+
+@dataclass
+class Progress:
+    """One progress report: ``done`` of ``total`` steps (blocks, then the head, then writing the output)."""
+
+    stage: str  # "block" | "head" | "write" | "done"
+    done: int
+    total: int
+    elapsed: float
+    eta: float | None
+    message: str
+
+
+@dataclass
+class TensorStats:
+    name: str
+    bits: int
+    proxy_error: float | None  # None for tensors kept unquantized
+    seconds: float  # the time of the step that produced it (a block's linears share one)
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    bits: float
+    tensors: list[TensorStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# --- small file helpers ------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename over ``path``; a full disk becomes a ConversionError that says how to go on."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise ConversionError(
+                f"no space left on the device while writing {path}; free some space and resume with -r "
+                f"(the work dir keeps every finished block)"
+            ) from exc
+        raise ConversionError(f"cannot write {path}: {exc}") from exc
+
+
+def _write_json(path: Path, value: Any) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(value, indent=2) + "\n"))
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    meta = {"format": "pt", **(metadata or {})}
+    _atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), meta))
+
+
+def _stored_dtype(t: torch.Tensor) -> torch.Tensor:
+    """Unquantized tensors are stored in float16 unless the source already uses a 16-bit float type."""
+    return t if t.dtype in (torch.float16, torch.bfloat16) else t.to(torch.float16)
+
+
+def linear_seed(seed: int, name: str) -> int:
+    """Per-tensor seed: the same name and run seed give the same random signs, whatever ran before."""
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def tile_quantizer(device: torch.device) -> TileQuantizer:
+    """The Triton trellis search on CUDA when it is available, else the torch reference (any device)."""
+    if device.type == "cuda":
+        try:
+            from kernels.viterbi import quantize_tiles_triton
+        except ImportError:
+            return quantize_tiles
+        return quantize_tiles_triton
+    return quantize_tiles
+
+
+# --- the conversion ----------------------------------------------------------------------------------------------
+
+
+class Converter:
+    """One conversion; ``run()`` does (or resumes) it. See the module docstring for the work-dir layout."""
+
+    def __init__(
+        self,
+        opts: ConvertOptions,
+        resume: bool = False,
+        progress: Callable[[Progress], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> None:
+        check_bits(opts.bits)
+        check_head_bits(opts.head_bits)
+        if opts.codebook not in CODEBOOKS:
+            raise ConversionError(f"unknown codebook {opts.codebook!r}; expected one of {', '.join(CODEBOOKS)}")
+        if opts.cal_rows < 1 or opts.cal_cols < 2:
+            raise ConversionError(f"calibration needs at least 1 row of 2 tokens, got {opts.cal_rows}x{opts.cal_cols}")
+        self.opts, self.resume = opts, resume
+        self.work = Path(opts.work_dir)
+        self.progress = progress or (lambda _event: None)
+        self.stop = stop or (lambda: False)
+        self.device = self._pick_device(opts.device)
+        self.started = time.monotonic()
+
+    @staticmethod
+    def _pick_device(name: str) -> torch.device:
+        if name == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConversionError(f"device {name} was asked for but CUDA is not available here")
+        return device
+
+    # work dir and source ------------------------------------------------------------------------------------------
+
+    def _prepare_work_dir(self) -> None:
+        args_path = self.work / ARGS_FILE
+        wanted = self.opts.result_args()
+        if args_path.is_file():
+            if not self.resume:
+                raise ConversionError(
+                    f"{self.work} already holds a conversion; pass -r to resume it, or use an empty work dir"
+                )
+            saved = json.loads(args_path.read_text())
+            for name in RESULT_ARGS:
+                if saved.get(name) != wanted[name]:
+                    raise ConversionError(
+                        f"cannot resume with {name}={wanted[name]!r}: the conversion in {self.work} was started "
+                        f"with {name}={saved.get(name)!r}, and changing it would change the result"
+                    )
+            return
+        if self.work.exists() and any(p.name != SOURCE_DIR for p in self.work.iterdir()):
+            raise ConversionError(f"work dir {self.work} is not empty and holds no conversion ({ARGS_FILE} is missing)")
+        try:
+            (self.work / BLOCKS_DIR).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConversionError(f"cannot create the work dir {self.work}: {exc}") from exc
+        _write_json(args_path, wanted)
+
+    def _source_dir(self) -> Path:
+        src = Path(self.opts.input)
+        if src.is_dir():
+            return src
+        if src.is_file() and src.suffix.lower() == ".gguf":
+            imported = self.work / SOURCE_DIR
+            if not (imported / CONFIG_FILE).is_file():
+                from shared.gguf_import import import_gguf
+
+                self.progress(Progress("import", 0, 1, self._elapsed(), None, f"importing {src.name}"))
+                try:
+                    import_gguf(src, imported)
+                except (OSError, ValueError) as exc:
+                    raise ConversionError(f"cannot import {src}: {exc}") from exc
+            return imported
+        if not src.exists():
+            raise ConversionError(f"input {src} does not exist")
+        raise ConversionError(f"input {src} is neither a model directory nor a .gguf file")
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    # model description ----------------------------------------------------------------------------------------------
+
+    def _load_model_description(self, source_dir: Path) -> None:
+        try:
+            raw = load_config(source_dir)
+        except (OSError, ValueError) as exc:
+            raise ConversionError(str(exc)) from exc
+        arch = (raw.get("architectures") or ["?"])[0]
+        if arch not in LLAMA_SPEC.architectures:
+            handled = ", ".join(LLAMA_SPEC.architectures)
+            raise ConversionError(f"{source_dir} holds a {arch} model; the converter handles {handled}")
+        if raw.get("quantization_config"):
+            raise ConversionError(f"{source_dir} is already quantized; convert from the original weights")
+        try:
+            self.config = LlamaConfig.from_hf(raw)
+        except ValueError as exc:
+            raise ConversionError(f"{source_dir}/config.json: {exc}") from exc
+        self.raw_config = raw
+        self.source_dir = source_dir
+        try:
+            self.source = TensorSource(source_dir)
+        except Exception as exc:  # safetensors raises its own error type on a damaged header
+            raise ConversionError(f"cannot read the weights of {source_dir}: {exc}") from exc
+        c = self.config
+        shapes = []
+        widths = {
+            "q_proj": (c.hidden_size, c.num_attention_heads * c.head_dim),
+            "k_proj": (c.hidden_size, c.num_key_value_heads * c.head_dim),
+            "v_proj": (c.hidden_size, c.num_key_value_heads * c.head_dim),
+            "o_proj": (c.num_attention_heads * c.head_dim, c.hidden_size),
+            "gate_proj": (c.hidden_size, c.intermediate_size),
+            "up_proj": (c.hidden_size, c.intermediate_size),
+            "down_proj": (c.intermediate_size, c.hidden_size),
+        }
+        for layer in range(c.num_hidden_layers):
+            for short, (_, _, group) in LINEARS.items():
+                shapes.append(LinearShape(linear_prefix(layer, short), layer, group, *widths[short]))
+        self.shapes = shapes
+        self.plan = allocate_bits(shapes, self.opts.bits, c.num_hidden_layers)
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        try:
+            return self.source.get(name)
+        except KeyError as exc:
+            raise ConversionError(f"{self.source_dir} lacks the tensor {name}") from exc
+        except Exception as exc:  # safetensors raises its own error types on damaged files
+            raise ConversionError(f"cannot read {name} from {self.source_dir}: {exc}") from exc
+
+    def _optional(self, name: str) -> torch.Tensor | None:
+        return self._tensor(name) if name in self.source else None
+
+    # calibration state ----------------------------------------------------------------------------------------------
+
+    def _initial_state(self) -> torch.Tensor:
+        path = self.source_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ConversionError(f"{self.source_dir} has no tokenizer.json, which calibration needs")
+        tokenizer = tokenizers.Tokenizer.from_file(str(path))
+        opts = self.opts
+        rows = calibration_rows(tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed)
+        embed = self._tensor("model.embed_tokens.weight").float()
+        return embed[rows].to(self.device)
+
+    def _load_checkpoint(self) -> tuple[int, torch.Tensor] | None:
+        path = self.work / CHECKPOINT_FILE
+        if not path.is_file():
+            return None
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        return int(data["next_block"]), data["state"].to(self.device)
+
+    def _save_checkpoint(self, next_block: int, state: torch.Tensor) -> None:
+        payload = {"next_block": next_block, "state": state.cpu()}
+        _atomic_write(self.work / CHECKPOINT_FILE, lambda tmp: torch.save(payload, tmp))
+
+    # one block --------------------------------------------------------------------------------------------------------
+
+    def _block_path(self, layer: int) -> Path:
+        return self.work / BLOCKS_DIR / f"block-{layer:04d}.safetensors"
+
+    def _norms(self, layer: int) -> dict[str, torch.Tensor]:
+        return {f"model.layers.{layer}.{n}.weight": self._tensor(f"model.layers.{layer}.{n}.weight") for n in NORMS}
+
+    def _rms(self, weight: torch.Tensor) -> RMSNorm:
+        return RMSNorm(weight.to(self.device, torch.float32), self.config.rms_norm_eps)
+
+    def _quantize_block(self, layer: int, state: torch.Tensor) -> None:
+        t0 = time.monotonic()
+        norms = self._norms(layer)
+        weights, biases = {}, {}
+        for short in LINEARS:
+            prefix = linear_prefix(layer, short)
+            weights[short] = self._tensor(f"{prefix}.weight")
+            biases[short] = self._optional(f"{prefix}.bias")
+
+        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(self.device, torch.float32)
+
+        dense = {s: DenseLinear(on_device(w), on_device(biases[s])) for s, w in weights.items()}
+        block = CalibrationBlock(
+            self.config,
+            dense,
+            self._rms(norms[f"model.layers.{layer}.input_layernorm.weight"]),
+            self._rms(norms[f"model.layers.{layer}.post_attention_layernorm.weight"]),
+            self.rotary,
+        )
+        capture = {point: HessianAccumulator(n, self.device) for point, n in input_features(self.config).items()}
+        block.forward(state, capture)
+        specs = []
+        for short, (_, point, _) in LINEARS.items():
+            name = linear_prefix(layer, short)
+            specs.append(
+                LinearSpec(
+                    name,
+                    weights[short],
+                    self.plan[name],
+                    linear_seed(self.opts.seed, name),
+                    capture[point].hessian(),
+                    biases[short],
+                )
+            )
+        results = quantize_linears(specs, self.opts.codebook, self.device, tile_quantizer(self.device))
+        tensors = {name: _stored_dtype(t) for name, t in norms.items()}
+        stats = {}
+        for r in results:
+            tensors.update(exl3_tensors_to_dict(r.name, r.tensors))
+            stats[r.name] = {"bits": r.tensors.K, "proxy_error": r.proxy_error}
+        seconds = time.monotonic() - t0
+        meta = {"stats": json.dumps(stats), "seconds": f"{seconds:.3f}"}
+        _save_tensors(self._block_path(layer), tensors, meta)
+
+    def _quantized_block(self, layer: int) -> CalibrationBlock:
+        tensors = load_file(str(self._block_path(layer)))
+        c = self.config
+        features = input_features(c)
+        outs = {
+            "q_proj": c.num_attention_heads * c.head_dim,
+            "k_proj": c.num_key_value_heads * c.head_dim,
+            "v_proj": c.num_key_value_heads * c.head_dim,
+            "o_proj": c.hidden_size,
+            "gate_proj": c.intermediate_size,
+            "up_proj": c.intermediate_size,
+            "down_proj": c.hidden_size,
+        }
+        linears = {}
+        for short, (_, point, _) in LINEARS.items():
+            t = read_exl3_linear(tensors, linear_prefix(layer, short), features[point], outs[short]).to(self.device)
+            # the bit-exact decode, in float32 (the serving kernels may round activations to 16 bits)
+            w = reconstruct_weight(t.trellis, t.suh, t.svh, t.codebook)[: t.in_features, : t.out_features]
+            bias = None if t.bias is None else t.bias.float()
+            linears[short] = DenseLinear(w.t().float().contiguous(), bias)
+        p = f"model.layers.{layer}"
+        return CalibrationBlock(
+            c,
+            linears,
+            self._rms(tensors[f"{p}.input_layernorm.weight"]),
+            self._rms(tensors[f"{p}.post_attention_layernorm.weight"]),
+            self.rotary,
+        )
+
+    # head -------------------------------------------------------------------------------------------------------------
+
+    def _head_weight(self) -> torch.Tensor:
+        if "lm_head.weight" in self.source:
+            return self._tensor("lm_head.weight")
+        if self.config.tie_word_embeddings:
+            return self._tensor("model.embed_tokens.weight")
+        raise ConversionError(f"{self.source_dir} has no lm_head.weight and its config does not tie embeddings")
+
+    def _quantize_head(self, state: torch.Tensor) -> None:
+        t0 = time.monotonic()
+        weight = self._head_weight()
+        if self.opts.head_bits == UNQUANTIZED_HEAD_BITS:
+            _save_tensors(self.work / HEAD_FILE, {"lm_head.weight": _stored_dtype(weight)}, {"seconds": "0"})
+            return
+        norm = self._rms(self._tensor("model.norm.weight"))
+        acc = HessianAccumulator(self.config.hidden_size, self.device)
+        for part in state.split(max(1, 8192 // state.shape[1])):
+            acc.add(norm(part))
+        bias = self._optional("lm_head.bias")
+        spec = LinearSpec(
+            "lm_head", weight, self.opts.head_bits, linear_seed(self.opts.seed, "lm_head"), acc.hessian(), bias
+        )
+        (result,) = quantize_linears([spec], self.opts.codebook, self.device, tile_quantizer(self.device))
+        stats = {"lm_head": {"bits": result.tensors.K, "proxy_error": result.proxy_error}}
+        meta = {"stats": json.dumps(stats), "seconds": f"{time.monotonic() - t0:.3f}"}
+        _save_tensors(self.work / HEAD_FILE, exl3_tensors_to_dict("lm_head", result.tensors), meta)
+
+    # output -----------------------------------------------------------------------------------------------------------
+
+    def _units(self) -> list[tuple[Callable[[], dict[str, torch.Tensor]], int]]:
+        """The output's tensors in model order, as (loader, bytes) units that are never split across shards."""
+
+        def from_file(path: Path) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
+            with safe_open(str(path), framework="pt") as f:
+                nbytes = 0
+                for k in f.keys():
+                    sl = f.get_slice(k)
+                    nbytes += _DTYPE_BYTES[sl.get_dtype()] * int(torch.tensor(sl.get_shape()).prod().item())
+            return (lambda: load_file(str(path))), nbytes
+
+        def from_source(name: str) -> tuple[Callable[[], dict[str, torch.Tensor]], int]:
+            t = _stored_dtype(self._tensor(name))
+            return (lambda: {name: t}), t.numel() * t.element_size()
+
+        units = [from_source("model.embed_tokens.weight")]
+        units += [from_file(self._block_path(i)) for i in range(self.config.num_hidden_layers)]
+        units.append(from_source("model.norm.weight"))
+        units.append(from_file(self.work / HEAD_FILE))
+        return units
+
+    def _write_output(self) -> None:
+        out = Path(self.opts.output)
+        staging = out.parent / f".{out.name}.partial"
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier run's unfinished attempt
+        try:
+            staging.mkdir(parents=True)
+            self._write_model_files(staging)
+            # recorded before the rename: a run killed in between finds the output in place on resume
+            _write_json(self.work / FINISHED_FILE, {"output": str(out.resolve())})
+            os.replace(staging, out)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                raise ConversionError(
+                    f"no space left on the device while writing {out}; free some space and resume with -r"
+                ) from exc
+            raise ConversionError(f"cannot write the output {out}: {exc}") from exc
+
+    def _write_model_files(self, staging: Path) -> None:
+        units = self._units()
+        shards: list[list[int]] = [[]]
+        size = 0
+        for i, (_, nbytes) in enumerate(units):
+            if shards[-1] and size + nbytes > self.opts.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += nbytes
+        weight_map: dict[str, str] = {}
+        meta: dict[str, torch.Tensor] = {}
+        for s, members in enumerate(shards):
+            filename = "model.safetensors" if len(shards) == 1 else f"model-{s + 1:05}-of-{len(shards):05}.safetensors"
+            tensors: dict[str, torch.Tensor] = {}
+            for i in members:
+                tensors.update(units[i][0]())
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / filename), {"format": "pt"})
+            os.chmod(staging / filename, 0o644)  # safetensors creates files private to their owner
+            weight_map.update(dict.fromkeys(tensors, filename))
+            meta.update({k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in tensors.items()})
+            del tensors
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in meta.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+        features = {s.name: (s.in_features, s.out_features) for s in self.shapes}
+        features["lm_head"] = (self.config.hidden_size, self.config.vocab_size)
+        qcfg = {
+            "quant_method": QUANT_METHOD,
+            "version": WRITER_VERSION,
+            "bits": round(average_bits(self.shapes, self.plan), 2),
+            "head_bits": self.opts.head_bits,
+            "calibration": {"rows": self.opts.cal_rows, "cols": self.opts.cal_cols},
+            "out_scales": "always",
+            "codebook": self.opts.codebook,
+        }
+        embed_dtype = meta["model.embed_tokens.weight"].dtype
+        config = dict(self.raw_config)
+        config["tie_word_embeddings"] = False  # the head is always stored as its own lm_head
+        config["torch_dtype"] = "bfloat16" if embed_dtype == torch.bfloat16 else "float16"
+        config["quantization_config"] = qcfg
+        (staging / QUANT_CONFIG_FILE).write_text(
+            json.dumps(qcfg | {"tensor_storage": tensor_storage(meta, features)}, indent=2) + "\n"
+        )
+        for f in sorted(self.source_dir.iterdir()):
+            if f.is_file() and f.name not in _NOT_COPIED and f.suffix not in _WEIGHT_SUFFIXES:
+                shutil.copyfile(f, staging / f.name)
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")  # last: the directory is complete
+
+    # summary ----------------------------------------------------------------------------------------------------------
+
+    def _summary(self) -> ConvertResult:
+        rows: list[TensorStats] = []
+        files = [self._block_path(i) for i in range(self.config.num_hidden_layers)] + [self.work / HEAD_FILE]
+        for path in files:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            seconds = float(meta.get("seconds", "0"))
+            for name, s in json.loads(meta.get("stats", "{}")).items():
+                rows.append(TensorStats(name, s["bits"], s["proxy_error"], seconds))
+            if "stats" not in meta:
+                rows.append(TensorStats("lm_head", UNQUANTIZED_HEAD_BITS, None, seconds))
+        bits = round(average_bits(self.shapes, self.plan), 2)
+        return ConvertResult(Path(self.opts.output), bits, rows, self._elapsed())
+
+    # driver -------------------------------------------------------------------------------------------------------
+
+    def run(self) -> ConvertResult:
+        """Convert (or resume); returns the per-tensor summary. Raises ConversionError with a clear message."""
+        self._prepare_work_dir()
+        out = Path(self.opts.output)
+        finished = (self.work / FINISHED_FILE).is_file()
+        if out.exists() and not (finished and self.resume):
+            raise ConversionError(f"output {out} already exists; remove it or choose another output directory")
+        self._load_model_description(self._source_dir())
+        if finished and out.exists():
+            return self._summary()
+        c = self.config
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
+        total = c.num_hidden_layers + 2  # blocks, head, output
+        checkpoint = self._load_checkpoint()
+        next_block, state = checkpoint if checkpoint is not None else (0, self._initial_state())
+        last_checkpoint = time.monotonic()
+        run_start, run_blocks = time.monotonic(), 0
+        for layer in range(next_block, c.num_hidden_layers):
+            if self.stop():
+                raise ConversionCancelled(f"stopped before block {layer}; resume with -r")
+            if not self._block_path(layer).is_file():
+                self._quantize_block(layer, state)
+            state = self._quantized_block(layer).forward(state)
+            run_blocks += 1
+            if time.monotonic() - last_checkpoint >= self.opts.checkpoint_seconds or layer == c.num_hidden_layers - 1:
+                self._save_checkpoint(layer + 1, state)
+                last_checkpoint = time.monotonic()
+            per_block = (time.monotonic() - run_start) / run_blocks
+            eta = per_block * (c.num_hidden_layers - layer)  # the blocks left, and the head at about one block
+            message = f"block {layer + 1}/{c.num_hidden_layers}"
+            self.progress(Progress("block", layer + 1, total, self._elapsed(), eta, message))
+        if self.stop():
+            raise ConversionCancelled("stopped before the output head; resume with -r")
+        if not (self.work / HEAD_FILE).is_file():
+            self._quantize_head(state)
+        self.progress(Progress("head", total - 1, total, self._elapsed(), None, "output head"))
+        self._write_output()
+        self.progress(Progress("done", total, total, self._elapsed(), 0.0, f"wrote {out}"))
+        self.source.close()
+        return self._summary()
+
+
+def convert(
+    opts: ConvertOptions,
+    resume: bool = False,
+    progress: Callable[[Progress], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> ConvertResult:
+    """Convert ``opts.input`` to an EXL3 model at ``opts.output`` (see ``Converter``)."""
+    return Converter(opts, resume, progress, stop).run()
+
+
+def format_summary(result: ConvertResult) -> str:
+    """The per-tensor table printed at the end of a conversion."""
+    lines = [f"{'tensor':<44} {'bits':>4} {'proxy err':>10} {'time s':>8}"]
+    for r in result.tensors:
+        err = "-" if r.proxy_error is None else f"{r.proxy_error:.5f}"
+        lines.append(f"{r.name:<44} {r.bits:>4} {err:>10} {r.seconds:>8.1f}")
+    lines.append(f"average {result.bits:.2f} bits per weight (head excluded); {result.seconds:.1f} s")
+    return "\n".join(lines)

@@ -1,0 +1,87 @@
+"""Quantize linear layers to EXL3: pad, damp the Hessian, regularize, LDLQ, and package the stored tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from converter_worker.quant.hessian import DEFAULT_DAMPING, damp
+from converter_worker.quant.ldlq import LdlqJob, TileQuantizer, ldlq_many, proxy_error
+from converter_worker.quant.regularize import block_hadamard, regularize
+from converter_worker.quant.viterbi import quantize_tiles
+from shared.exl3_format import Exl3Tensors, padded
+
+
+@dataclass
+class LinearSpec:
+    """One linear to quantize. ``weight`` is [out, in] as torch.nn.Linear stores it; ``hessian`` is the undamped
+    X^T X / n of its inputs [in, in] (None: no calibration, every input direction weighs the same)."""
+
+    name: str
+    weight: torch.Tensor
+    K: int
+    seed: int
+    hessian: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+@dataclass
+class LinearResult:
+    name: str
+    tensors: Exl3Tensors
+    proxy_error: float  # tr(E^T H E) / tr(W^T H W) in the original basis, H damped
+
+
+def padded_hessian(hessian: torch.Tensor | None, features: int, device: torch.device) -> torch.Tensor:
+    """Damped float64 Hessian padded to the Hadamard block; padded inputs are always zero, so their diagonal gets
+    only the damping (their errors cost next to nothing)."""
+    size = padded(features)
+    if hessian is None:
+        return torch.eye(size, dtype=torch.float64, device=device)
+    if tuple(hessian.shape) != (features, features):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match {features} input features")
+    h = hessian.to(device, torch.float64)
+    damping = DEFAULT_DAMPING * h.diagonal().mean().clamp_min(0)
+    out = torch.zeros(size, size, dtype=torch.float64, device=device)
+    out[:features, :features] = damp(h)
+    out.diagonal()[features:] = damping if damping > 0 else 1.0
+    return out
+
+
+def dense_from_parts(quantized: torch.Tensor, suh: torch.Tensor, svh: torch.Tensor) -> torch.Tensor:
+    """diag(suh) Had Q Had diag(svh) in float32: the weight the stored tensors stand for, [in_pad, out_pad]."""
+    w = block_hadamard(quantized.float(), 0) * suh.float().unsqueeze(1)
+    return block_hadamard(w, 1) * svh.float().unsqueeze(0)
+
+
+def quantize_linears(
+    specs: list[LinearSpec], codebook: str, device: torch.device | str = "cpu", quantize: TileQuantizer = quantize_tiles
+) -> list[LinearResult]:
+    """Quantize several linears together (their strips share trellis searches); results in the same order."""
+    device = torch.device(device)
+    prepared = []
+    for spec in specs:
+        if spec.weight.dim() != 2:
+            raise ValueError(f"{spec.name}: weight must be 2-D [out, in], got shape {tuple(spec.weight.shape)}")
+        if not isinstance(spec.K, int) or not 1 <= spec.K <= 8:
+            raise ValueError(f"{spec.name}: bits per weight must be an integer in 1..8, got {spec.K!r}")
+        out_f, in_f = spec.weight.shape
+        w = torch.zeros(padded(in_f), padded(out_f), device=device)
+        w[:in_f, :out_f] = spec.weight.to(device, torch.float32).T
+        h = padded_hessian(spec.hessian, in_f, device)
+        gen = torch.Generator().manual_seed(spec.seed)
+        reg = regularize(w, h, spec.K, codebook, gen)
+        prepared.append((spec, w, h, reg, LdlqJob(reg.w_hat, reg.hessian, spec.K)))
+    ldlq_many([job for *_, job in prepared], codebook, quantize)
+    results = []
+    for spec, w, h, reg, job in prepared:
+        out_f, in_f = spec.weight.shape
+        suh, svh = reg.suh.clone(), reg.svh.clone()
+        suh[in_f:] = 0  # padded rows and columns of the stored weight are exactly zero
+        svh[out_f:] = 0
+        dense = dense_from_parts(job.quantized, suh, svh)
+        bias = None if spec.bias is None else spec.bias.detach().to("cpu", torch.float16)
+        tensors = Exl3Tensors(job.trellis.cpu(), suh.cpu(), svh.cpu(), codebook, bias, in_f, out_f)
+        results.append(LinearResult(spec.name, tensors, proxy_error(w, dense, h)))
+    return results
