@@ -7,6 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton picks interpreter or compiler when each @triton.jit decorator runs, so this must be settled before any test
+# module imports a kernel: on a machine without CUDA the kernels run on CPU tensors under the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 from shared.redis_server import free_port, start_redis_server
 
