@@ -3,6 +3,12 @@
 Every sequence's query chunk attends causally over its whole context, cached tokens plus the new ones. The ragged
 batch is padded once: contexts are gathered page by page into [B, max_context, ...], queries into [B, max_query, ...],
 and a boolean mask hides both padding and the future, so the whole step is one SDPA call.
+
+Quantized pages (kernels/kv_quant_ref.py) hold keys and values rotated by the 32-point Hadamard. The reference does what
+the kernel does: it dequantizes them in the rotated domain, rotates the query when keys are quantized, and
+un-rotates the output when values are.
+
+On CUDA, ``attend_paged`` runs the Triton kernel (kernels/paged_attention.py) instead.
 """
 
 from __future__ import annotations
@@ -12,24 +18,38 @@ import torch.nn.functional as F
 
 from inference_worker.batch import ForwardBatch
 from inference_worker.kv_cache import PagedKVCache
+from kernels import kv_quant_ref
+from kernels.kv_quant_ref import QuantPages
+
+
+def _page_geometry(pages: torch.Tensor | QuantPages) -> tuple[int, int]:
+    """(page_size, kv_heads) of fp or quantized pages."""
+    data = pages.codes if isinstance(pages, QuantPages) else pages
+    return data.shape[1], data.shape[2]
 
 
 def paged_attention(
     q: torch.Tensor,
-    k_pages: torch.Tensor,
-    v_pages: torch.Tensor,
+    k_pages: torch.Tensor | QuantPages,
+    v_pages: torch.Tensor | QuantPages,
     block_tables: torch.Tensor,
     query_lens: list[int],
     context_lens: list[int],
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention of q [T, heads, head_dim] over paged K/V [pages, page_size, kv_heads, head_dim].
+    """Causal attention of q [T, heads, head_dim] over paged K/V [pages, page_size, kv_heads, head_dim] (tensors,
+    or ``QuantPages`` of that geometry).
 
     Sequence b owns the next ``query_lens[b]`` rows of q, which are the last tokens of its ``context_lens[b]``-token
     context; its context lives in pages ``block_tables[b, :]``. Returns [T, heads, head_dim] in q's dtype.
+    ``window`` (sliding-window attention, e.g. Mistral): a query sees only the ``window`` latest positions, its own
+    included; None sees the whole context.
     """
     num_tokens, num_heads, head_dim = q.shape
-    page_size, num_kv_heads = k_pages.shape[1], k_pages.shape[2]
+    page_size, num_kv_heads = _page_geometry(k_pages)
+    if _page_geometry(v_pages) != (page_size, num_kv_heads):
+        raise ValueError(f"k and v pages disagree: {_page_geometry(k_pages)} vs {_page_geometry(v_pages)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads evenly")
     if len(query_lens) != len(context_lens) or len(query_lens) != block_tables.shape[0]:
@@ -50,12 +70,21 @@ def paged_attention(
     # Gather each sequence's pages into one contiguous, padded context: [B, kv_heads, max_context, head_dim].
     pages = block_tables[:, :pages_needed].to(device)
 
-    def gather(cache_pages: torch.Tensor) -> torch.Tensor:
-        ctx = cache_pages[pages].reshape(num_seqs, pages_needed * page_size, num_kv_heads, head_dim)
-        ctx = ctx[:, :max_context].transpose(1, 2).to(q.dtype)
+    def gather(cache_pages: torch.Tensor | QuantPages) -> torch.Tensor:
+        def contexts(t: torch.Tensor) -> torch.Tensor:
+            return t[pages].reshape(num_seqs, pages_needed * page_size, num_kv_heads, -1)[:, :max_context]
+
+        if isinstance(cache_pages, QuantPages):  # dequantized, still rotated
+            codes, scales = contexts(cache_pages.codes), contexts(cache_pages.scales)
+            ctx = kv_quant_ref.dequantize_ref(codes, scales, cache_pages.bits, rotated=True)
+        else:
+            ctx = contexts(cache_pages)
+        ctx = ctx.transpose(1, 2).to(q.dtype)
         return ctx.repeat_interleave(num_heads // num_kv_heads, dim=1)  # GQA: head h reads kv head h // group
 
     keys, values = gather(k_pages), gather(v_pages)
+    if isinstance(k_pages, QuantPages):
+        q = kv_quant_ref.rotate_groups(q).to(q.dtype)  # q . k = Hq . Hk: rotate the query, not every key
 
     # Scatter the ragged queries into [B, heads, max_query, head_dim].
     q_lens = torch.tensor(query_lens, device=device)
@@ -71,11 +100,17 @@ def paged_attention(
     query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_query, device=device)[None, :]
     key_pos = torch.arange(max_context, device=device)
     mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
+    if window is not None:  # padding rows keep the last real row's window, so none is fully masked
+        newest = torch.minimum(query_pos, (ctx_lens - 1)[:, None])
+        mask &= key_pos[None, None, :] > newest[:, :, None] - window
 
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale
     )  # [B, heads, max_query, head_dim]
-    return out.transpose(1, 2)[seq_of_token, row_in_seq]
+    out = out.transpose(1, 2)[seq_of_token, row_in_seq]
+    if isinstance(v_pages, QuantPages):
+        out = kv_quant_ref.rotate_groups(out).to(q.dtype)  # values were summed rotated: undo it once
+    return out
 
 
 def attend_paged(
@@ -86,9 +121,26 @@ def attend_paged(
     layer: int,
     batch: ForwardBatch,
     scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Write this step's k, v [T, kv_heads, head_dim] into the cache, then attend q [T, heads, head_dim] over it."""
+    """Write this step's k, v [T, kv_heads, head_dim] into the cache, then attend q [T, heads, head_dim] over it
+    (only the ``window`` latest positions when a sliding window is given): the Triton kernel on CUDA, the torch
+    reference elsewhere."""
     cache.write(layer, k, v, batch.slot_mapping)
-    return paged_attention(
-        q, cache.k[layer], cache.v[layer], batch.block_tables, batch.query_lens, batch.context_lens, scale
+    k_pages, v_pages = cache.k[layer], cache.v[layer]
+    if q.device.type != "cuda":
+        return paged_attention(
+            q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window
+        )
+    from kernels import paged_attention as triton_attention  # triton compiles only where it runs
+
+    # Every layer of a forward shares one plan (how the ragged batch maps onto programs): build it once per batch.
+    plan = getattr(batch, "_attention_plan", None)
+    if plan is None:
+        plan = triton_attention.plan_attention(
+            batch.query_lens, batch.context_lens, q.shape[1], cache.num_kv_heads, q.device
+        )
+        batch._attention_plan = plan  # type: ignore[attr-defined]
+    return triton_attention.paged_attention(
+        q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window, plan=plan
     )

@@ -20,7 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import ForwardBatch
-from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token
+from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample
 from inference_worker.scheduler import Scheduler, Sequence, StepPlan
@@ -46,6 +46,8 @@ class EngineConfig:
     kv_cache_tokens: int = 8192
     max_model_len: int = 2048
     worker_id: str = ""  # reported in every "done" event
+    kv_bits: KVBits = (None, None)  # (key, value) bits; None: unquantized (see kv_cache.parse_kv_bits)
+    prefix_caching: bool = True
 
 
 class RequestError(ValueError):
@@ -110,7 +112,9 @@ class Engine:
         num_pages = cfg.kv_cache_tokens // cfg.kv_page_size
         if num_pages < 1:
             raise ValueError(f"kv_cache_tokens={cfg.kv_cache_tokens} is less than one page of {cfg.kv_page_size}")
-        self.scheduler = Scheduler(num_pages, cfg.kv_page_size, cfg.max_batch_size, cfg.max_batch_tokens)
+        self.scheduler = Scheduler(
+            num_pages, cfg.kv_page_size, cfg.max_batch_size, cfg.max_batch_tokens, prefix_caching=cfg.prefix_caching
+        )
         self.cache = PagedKVCache(
             model_config.num_hidden_layers,
             num_pages,
@@ -119,6 +123,7 @@ class Engine:
             model_config.head_dim,
             _model_dtype(model),
             self.device,
+            kv_bits=cfg.kv_bits,
         )
         # the longest sequence (prompt + output) served: the model's context, and never more than the cache holds
         self.max_model_len = min(cfg.max_model_len, self.scheduler.capacity_tokens)
@@ -149,11 +154,12 @@ class Engine:
         model, config = load_model(Path(model_dir), device, dtype)
         tokenizer = ModelTokenizer.from_dir(Path(model_dir))
         max_model_len = settings.max_model_len or int(config.max_position_embeddings)
+        kv_bits = parse_kv_bits(settings.kv_bits)
         bytes_per_token = kv_bytes_per_token(
-            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype
+            config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype, kv_bits
         )
         kv_tokens = settings.kv_cache_tokens or default_kv_cache_tokens(
-            device, max_model_len, settings.max_batch_size, bytes_per_token
+            device, max_model_len, settings.max_batch_size, bytes_per_token, settings.kv_cache_memory_fraction
         )
         cfg = EngineConfig(
             device=str(device),
@@ -163,6 +169,8 @@ class Engine:
             kv_cache_tokens=kv_tokens,
             max_model_len=max_model_len,
             worker_id=settings.worker_id,
+            kv_bits=kv_bits,
+            prefix_caching=settings.prefix_caching,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id or Path(model_dir).name)
         return cls(model, config, tokenizer, cfg, metrics)
@@ -207,7 +215,7 @@ class Engine:
             "waiting": len(s.waiting),
             "kv_usage": s.kv_usage,
             "pages_free": s.num_free_pages,
-            "pages_total": s.allocator.num_pages,
+            "pages_total": s.num_pages,
         }
 
     # -- the engine thread --------------------------------------------------------------------------------------------
@@ -225,6 +233,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.preempted:
             self.metrics.num_preemptions.inc(len(plan.preempted))
+        self.metrics.prefix_cache_queries.inc(plan.prefix_query_tokens)
+        self.metrics.prefix_cache_hits.inc(plan.prefix_hit_tokens)
         if not plan.is_empty:
             now = time.monotonic()
             for item in plan.scheduled:
@@ -253,6 +263,7 @@ class Engine:
                     self._release(c)
             del self._requests[request_id]
             events.append((request_id, _error(code, message)))
+        self.scheduler.clear_prefix_cache()  # the failed forward may have left pages half written
         self._update_gauges()
         return events
 
@@ -458,6 +469,7 @@ class Engine:
         self.metrics.num_requests_running.set(len(self.scheduler.running))
         self.metrics.num_requests_waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_cache_usage_perc.set(self.scheduler.kv_usage)
+        self.metrics.kv_cache_free_pages.set(self.scheduler.num_free_pages)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:
@@ -515,15 +527,21 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def default_kv_cache_tokens(device: torch.device, max_model_len: int, max_batch_size: int, bytes_per_token: int) -> int:
-    """kv_cache_tokens=0: a full batch of full contexts (more could never be used at once), within a memory budget:
-    ~90% of the free memory on CUDA, ~1 GiB on CPU."""
+def default_kv_cache_tokens(
+    device: torch.device,
+    max_model_len: int,
+    max_batch_size: int,
+    bytes_per_token: int,
+    memory_fraction: float = GPU_KV_CACHE_FRACTION,
+) -> int:
+    """kv_cache_tokens=0. On CUDA: ``memory_fraction`` of the free memory (pages beyond what a full batch can use
+    keep prefixes cached for reuse). On CPU: a full batch of full contexts, within ~1 GiB."""
     if device.type == "cuda":
+        if not 0.0 < memory_fraction <= 1.0:
+            raise ValueError(f"TRELLIS_KV_CACHE_MEMORY_FRACTION must be in (0, 1], got {memory_fraction}")
         free, _total = torch.cuda.mem_get_info(device)
-        budget = int(free * GPU_KV_CACHE_FRACTION)
-    else:
-        budget = CPU_KV_CACHE_BYTES
-    return min(max_model_len * max_batch_size, budget // bytes_per_token)
+        return int(free * memory_fraction) // bytes_per_token
+    return min(max_model_len * max_batch_size, CPU_KV_CACHE_BYTES // bytes_per_token)
 
 
 def _model_dtype(model: Any) -> torch.dtype:

@@ -41,6 +41,16 @@ class WorkerMetrics:
         self.num_preemptions = Counter(
             "trellis_num_preemptions", "Sequences preempted to free KV pages.", labels, registry=registry
         ).labels(model=model)
+        self.kv_cache_free_pages = Gauge(
+            "trellis_kv_cache_free_pages", "KV pages free for new tokens (cached prefixes included).", labels,
+            registry=registry,
+        ).labels(model=model)  # fmt: skip
+        self.prefix_cache_queries = Counter(
+            "trellis_prefix_cache_queries", "Tokens looked up in the prefix cache.", labels, registry=registry
+        ).labels(model=model)
+        self.prefix_cache_hits = Counter(
+            "trellis_prefix_cache_hits", "Tokens found in the prefix cache (KV reused).", labels, registry=registry
+        ).labels(model=model)
         self._request_success = Counter(
             "trellis_request_success",
             "Finished choices, by finish reason.",

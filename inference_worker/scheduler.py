@@ -10,6 +10,11 @@ into a ForwardBatch and runs it. Policy, per step, under ``max_batch_size`` sequ
 Pages are allocated on demand as a sequence's cached length grows. When a running sequence needs a page and none is
 free, the most recently admitted running sequence is preempted: its pages are freed and it goes back to the front of
 the waiting queue, to be recomputed later from prompt + the tokens generated so far. Nothing is ever dropped.
+
+Prefix reuse (inference_worker/prefix_cache.py): a sequence being admitted first takes the cached pages that hold the
+longest prefix of its known tokens, and computes only the rest. Full pages are published to the cache once the
+forward that wrote them is done (at the next ``schedule``, or when the sequence finishes or is preempted), so a page
+is never found before its K/V exist; a page that is shared is full, so nobody ever writes into it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+
+from inference_worker.prefix_cache import PageHash, PagePool, page_hash
 
 
 class SeqStatus(enum.Enum):
@@ -27,36 +34,6 @@ class SeqStatus(enum.Enum):
 
 class CapacityError(ValueError):
     """A sequence that can never fit in the whole KV cache, however empty."""
-
-
-class PageAllocator:
-    """A free list of KV page ids; any free page can serve any sequence."""
-
-    def __init__(self, num_pages: int) -> None:
-        if num_pages < 1:
-            raise ValueError(f"the KV cache needs at least one page, got num_pages={num_pages}")
-        self.num_pages = num_pages
-        self._free: deque[int] = deque(range(num_pages))
-        self._in_use = [False] * num_pages
-
-    @property
-    def num_free(self) -> int:
-        return len(self._free)
-
-    def allocate(self, count: int) -> list[int]:
-        if count > len(self._free):
-            raise RuntimeError(f"asked for {count} KV pages but only {len(self._free)} are free")
-        pages = [self._free.popleft() for _ in range(count)]
-        for page in pages:
-            self._in_use[page] = True
-        return pages
-
-    def free(self, pages: list[int]) -> None:
-        for page in pages:
-            if not self._in_use[page]:
-                raise RuntimeError(f"KV page {page} freed twice")
-            self._in_use[page] = False
-            self._free.append(page)
 
 
 @dataclass(eq=False)
@@ -71,6 +48,12 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in the cache (the newest sampled token never is until fed)
     pages: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    num_cached_tokens: int = 0  # tokens its last admission found in the prefix cache instead of computing them
+    # Names of the full pages of its known tokens (prefix_cache.page_hash), filled lazily. Tokens are only ever
+    # appended, so they stay valid. Anything that takes tokens back (rejected speculative tokens) must truncate this
+    # list and must not rewrite a page already published (num_published_pages): others may be reading it.
+    page_hashes: list[PageHash] = field(default_factory=list)
+    num_published_pages: int = 0  # leading pages of ``pages`` already registered in the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -114,6 +97,8 @@ class ScheduledSeq:
 class StepPlan:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]  # sent back to waiting during this step (for metrics and logs)
+    prefix_query_tokens: int = 0  # known tokens of the sequences admitted this step, looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of those, tokens found there (their K/V reused, not computed)
 
     @property
     def num_tokens(self) -> int:
@@ -129,7 +114,9 @@ def _pages_for(num_tokens: int, page_size: int) -> int:
 
 
 class Scheduler:
-    def __init__(self, num_pages: int, page_size: int, max_batch_size: int, max_batch_tokens: int) -> None:
+    def __init__(
+        self, num_pages: int, page_size: int, max_batch_size: int, max_batch_tokens: int, prefix_caching: bool = True
+    ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if max_batch_size < 1:
@@ -137,7 +124,7 @@ class Scheduler:
         if max_batch_tokens < max_batch_size:
             # otherwise a full batch of decodes could not all advance in one step
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_batch_size ({max_batch_size})")
-        self.allocator = PageAllocator(num_pages)
+        self.pool = PagePool(num_pages, caching=prefix_caching)
         self.page_size = page_size
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -145,19 +132,26 @@ class Scheduler:
         self.running: list[Sequence] = []  # in admission order: the last one is preempted first
         self._live: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.num_scheduled_tokens = 0  # tokens handed to forwards so far (prefix hits are not among them)
 
     # -- queries ------------------------------------------------------------------------------------------------------
     @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
     def capacity_tokens(self) -> int:
-        return self.allocator.num_pages * self.page_size
+        return self.pool.num_pages * self.page_size
 
     @property
     def num_free_pages(self) -> int:
-        return self.allocator.num_free
+        """Pages a sequence can get now, counting cached pages nobody uses (they are evicted on demand)."""
+        return self.pool.num_free
 
     @property
     def kv_usage(self) -> float:
-        return 1.0 - self.allocator.num_free / self.allocator.num_pages
+        """Fraction of pages live sequences hold."""
+        return self.pool.num_in_use / self.pool.num_pages
 
     @property
     def num_live(self) -> int:
@@ -171,7 +165,7 @@ class Scheduler:
         if num_tokens > self.capacity_tokens:
             return (
                 f"prompt + max_tokens = {num_tokens} tokens cannot fit in the KV cache of {self.capacity_tokens} "
-                f"tokens ({self.allocator.num_pages} pages of {self.page_size})"
+                f"tokens ({self.pool.num_pages} pages of {self.page_size})"
             )
         return None
 
@@ -195,41 +189,82 @@ class Scheduler:
             raise ValueError(f"sequence {seq.seq_id!r} is not scheduled")
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
+            self._publish(seq)  # called after the step's forward: everything computed is in the cache
         else:
             self.waiting.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._release_pages(seq)
         seq.status = SeqStatus.FINISHED
         del self._live[seq.seq_id]
 
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached page (after a failed forward, whatever it was writing is not trustworthy)."""
+        self.pool.clear_index()
+        for seq in self._live.values():
+            seq.num_published_pages = len(seq.pages)  # their pages stay theirs, just unpublished
+
+    def _release_pages(self, seq: Sequence) -> None:
+        self.pool.release(reversed(seq.pages))  # tail first: the prefix is the likeliest to be reused
+        seq.pages = []
+        seq.num_published_pages = 0
+
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.allocator.free(seq.pages)
-        seq.pages = []
+        self._publish(seq)  # its own pages may still be cached when it comes back
+        self._release_pages(seq)
         seq.num_computed = 0  # its K/V are gone: recomputed from prompt + output when readmitted
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
+    # -- prefix cache -------------------------------------------------------------------------------------------------
+    def _page_hash(self, seq: Sequence, index: int) -> PageHash:
+        """The name of seq's full page ``index`` (of known tokens), computed once."""
+        ps = self.page_size
+        while len(seq.page_hashes) <= index:
+            i = len(seq.page_hashes)
+            previous = seq.page_hashes[-1] if i else None
+            seq.page_hashes.append(page_hash(previous, seq.tokens(i * ps, (i + 1) * ps)))
+        return seq.page_hashes[index]
+
+    def _publish(self, seq: Sequence) -> None:
+        """Register seq's computed full pages in the prefix cache (only once their forward has run)."""
+        if not self.pool.caching:
+            return
+        full = seq.num_computed // self.page_size
+        for i in range(seq.num_published_pages, full):
+            self.pool.register(seq.pages[i], self._page_hash(seq, i))
+        seq.num_published_pages = max(full, seq.num_published_pages)
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Cached pages holding the longest prefix of seq's known tokens. The last known token is always left to
+        compute (its logits are needed), in a page of seq's own: a shared page is never written."""
+        if not self.pool.caching:
+            return []
+        full_pages = (seq.num_tokens - 1) // self.page_size
+        return self.pool.lookup(self._page_hash(seq, i) for i in range(full_pages))  # hashes only up to a miss
+
     # -- one step -----------------------------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
+        for seq in self.running:  # the previous plan's forward has run: its full pages can be found now
+            self._publish(seq)
         budget = self.max_batch_tokens
         chunks: dict[Sequence, int] = {}  # insertion order is the order of the forward
         preempted: list[Sequence] = []
+        query_tokens = hit_tokens = 0
 
         def grow(seq: Sequence, new_tokens: int) -> bool:
             """Give seq pages for new_tokens more cached tokens, preempting from the back; False if seq itself went."""
             nonlocal budget
             needed = _pages_for(seq.num_computed + new_tokens, self.page_size) - len(seq.pages)
-            while needed > self.allocator.num_free:
+            while needed > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
                 budget += chunks.pop(victim, 0)
                 if victim is seq:
                     return False
-            seq.pages.extend(self.allocator.allocate(needed))
+            seq.pages.extend(self.pool.allocate(needed))
             return True
 
         decoding = [s for s in self.running if s.num_tokens - s.num_computed == 1]
@@ -245,18 +280,30 @@ class Scheduler:
         # Admit FIFO; not in a step that had to preempt (the freed pages are what the running ones just needed).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
-            new_tokens = min(seq.num_tokens - seq.num_computed, budget)
-            needed = _pages_for(seq.num_computed + new_tokens, self.page_size) - len(seq.pages)
-            if needed > self.allocator.num_free:
+            hits = self._cached_prefix(seq)
+            cached = len(hits) * self.page_size
+            new_tokens = min(seq.num_tokens - cached, budget)
+            needed = _pages_for(cached + new_tokens, self.page_size) - len(hits)
+            # hit pages nobody holds count as free until this sequence takes them
+            if needed + sum(self.pool.refcount(p) == 0 for p in hits) > self.pool.num_free:
                 break  # strict FIFO: nobody overtakes the head of the queue
             self.waiting.popleft()
-            seq.pages.extend(self.allocator.allocate(needed))
+            for page in hits:
+                self.pool.share(page)
+            seq.pages = hits + self.pool.allocate(needed)
+            seq.num_computed = seq.num_cached_tokens = cached
+            seq.num_published_pages = len(hits)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             chunks[seq] = new_tokens
             budget -= new_tokens
+            if self.pool.caching:
+                query_tokens += seq.num_tokens
+                hit_tokens += cached
 
-        return StepPlan([self._materialize(seq, n) for seq, n in chunks.items()], preempted)
+        plan = StepPlan([self._materialize(seq, n) for seq, n in chunks.items()], preempted, query_tokens, hit_tokens)
+        self.num_scheduled_tokens += plan.num_tokens
+        return plan
 
     def _materialize(self, seq: Sequence, new_tokens: int) -> ScheduledSeq:
         start, stop = seq.num_computed, seq.num_computed + new_tokens

@@ -44,7 +44,10 @@ class Settings:
     max_batch_size: int = 16  # sequences advanced together per step
     max_batch_tokens: int = 2048  # tokens per forward (prefill chunks + decodes)
     kv_cache_tokens: int = 0  # 0: derive from max_model_len * max_batch_size (CPU) or free memory (GPU)
+    kv_cache_memory_fraction: float = 0.9  # with kv_cache_tokens=0 on CUDA: this share of the free memory
     kv_page_size: int = 16
+    kv_bits: str = "fp16"  # "fp16" (unquantized, the model's dtype) or "K,V" bits per key and value, each 2..8 or fp16
+    prefix_caching: bool = True  # reuse the KV pages of a prompt prefix computed before (chat turns, system prompts)
     max_model_len: int = 0  # 0: the model's own context length
     heartbeat_seconds: float = 2.0
     # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner

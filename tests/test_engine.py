@@ -100,7 +100,24 @@ def test_concurrent_greedy_requests_give_exactly_the_tokens_each_gives_alone(loa
         assert_well_formed(together[req.id])
         assert len(tokens_of(together[req.id])) == lengths[i]
         assert tokens_of(together[req.id]) == alone(loaded, req.prompt_ids, req.params), f"request {i} differs"
-    assert engine.scheduler.num_free_pages == engine.scheduler.allocator.num_pages
+    assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
+
+
+def test_greedy_output_through_the_paged_cache_equals_transformers_with_a_contiguous_cache(
+    loaded, prompt_ids, default_model_dir
+) -> None:
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(default_model_dir, dtype=torch.float32).eval()
+    reqs = [GenerationRequest(f"h{i}", "m", prompt_ids[i], greedy(8)) for i in (0, 3, 5)]
+    engine = make_engine(loaded, kv_page_size=4)  # small pages, handed out to the three sequences interleaved
+    paged = run(engine, reqs)
+    for req in reqs:
+        prompt = torch.tensor([req.prompt_ids])
+        with torch.no_grad():
+            out = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8,
+                              do_sample=False, pad_token_id=0)  # fmt: skip
+        assert tokens_of(paged[req.id]) == out[0, prompt.shape[1] :].tolist(), req.id
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_one_chunk(loaded, prompt_ids) -> None:
@@ -125,7 +142,7 @@ def test_preempted_request_finishes_with_the_same_greedy_output(loaded, prompt_i
     for req in reqs:
         assert tokens_of(tight[req.id]) == tokens_of(roomy[req.id])
         assert_well_formed(tight[req.id])
-    assert tight_engine.scheduler.num_free_pages == tight_engine.scheduler.allocator.num_pages
+    assert tight_engine.scheduler.num_free_pages == tight_engine.scheduler.num_pages
 
 
 def test_abort_frees_the_pages_within_one_step_and_ends_the_stream(loaded, prompt_ids) -> None:
@@ -133,10 +150,10 @@ def test_abort_frees_the_pages_within_one_step_and_ends_the_stream(loaded, promp
     engine.add_request(GenerationRequest("a", "m", prompt_ids[3], greedy(50)))
     engine.step()
     engine.step()
-    assert engine.scheduler.num_free_pages < engine.scheduler.allocator.num_pages
+    assert engine.scheduler.num_free_pages < engine.scheduler.num_pages
     engine.abort("a")
     events = [e for rid, e in engine.step() if rid == "a"]
-    assert engine.scheduler.num_free_pages == engine.scheduler.allocator.num_pages
+    assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
     assert [e["type"] for e in events] == ["finish", "done"]
     assert events[0]["finish_reason"] == "abort" and events[0]["completion_tokens"] == 2
     assert not engine.has_work() and engine.free_slots() == engine.cfg.max_batch_size

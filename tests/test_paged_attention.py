@@ -1,110 +1,173 @@
-"""Paged attention (torch reference) against plain dense causal SDPA, on random ragged batches."""
+"""Paged attention against plain dense causal SDPA on random ragged batches: the torch reference for every page size
+and head layout in use, fp and quantized pages; then the Triton kernel against the reference, run by Triton's CPU
+interpreter on small shapes (tests/gpu and bench/kv_cache.py repeat it at real sizes on CUDA)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-import torch.nn.functional as F
+import importlib
+import os
+import sys
 
-from inference_worker.attention import attend_paged, paged_attention
-from inference_worker.batch import ForwardBatch
-from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorators: kernels then run on CPU tensors
+for _name in ("kernels.kv_quant", "kernels.paged_attention"):  # the modules with @triton.jit
+    if _name in sys.modules:  # imported earlier in this process without the interpreter: decorate again
+        importlib.reload(sys.modules[_name])
 
-HEAD_DIM = 16
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton.runtime.interpreter as triton_interpreter  # noqa: E402
+
+from inference_worker.attention import attend_paged, paged_attention  # noqa: E402
+from inference_worker.batch import ForwardBatch  # noqa: E402
+from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
+from kernels import kv_quant_ref  # noqa: E402
+from kernels import paged_attention as triton_attention  # noqa: E402
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _interpreter_indexes_scalars_under_numpy_2_4() -> None:
+    """Triton 3.6's interpreter turns a scalar into a Python int with ``int(array of shape (1,))``, which numpy 2.4
+    refuses (triton-lang/triton#9171), so a loop bounded by a loaded value fails. Apply the upstream fix."""
+    try:
+        int(np.ones(1))
+        return
+    except TypeError:
+        pass
+    patch = triton_interpreter._patch_lang_tensor
+    if getattr(patch, "indexes_scalars", False):
+        return
+
+    def patched(tensor, scope):  # noqa: ANN001, ANN202
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(())))
+
+    patched.indexes_scalars = True
+    triton_interpreter._patch_lang_tensor = patched
+
+
+_interpreter_indexes_scalars_under_numpy_2_4()
+
+# (query heads, kv heads, head_dim): MHA, GQA groups of 3 (SmolLM2), 4 (Llama-3-8B at its real head_dim), 8, and MQA
+HEAD_LAYOUTS = [(4, 4, 32), (9, 3, 64), (32, 8, 128), (16, 2, 32), (8, 1, 32)]
+PAGE_SIZES = [1, 3, 16, 256]
+# (cached tokens, new tokens): decodes, a whole-prompt prefill, chunks continuing a cached prefix
+SHAPES = [(0, 1), (12, 1), (0, 23), (17, 5), (31, 1), (5, 40)]
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None):
     """Full-sequence causal attention for one sequence: q [L, H, D], k/v [L, KVH, D] -> [L, H, D]."""
+    length = q.shape[0]
+    pos = torch.arange(length)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=True
     )
     return out.transpose(0, 1)
 
 
-def random_page_tables(context_lens: list[int], page_size: int, num_pages: int, gen: torch.Generator):
-    """Each sequence gets its pages from a shuffled pool (so neighbours in a table are not neighbours in memory)."""
-    pool = torch.randperm(num_pages, generator=gen).tolist()
-    tables = []
-    for ctx in context_lens:
-        need = -(-ctx // page_size)
-        tables.append([pool.pop() for _ in range(need)])
-    width = max(len(t) for t in tables) + 1  # an extra padded column, as the scheduler may send
-    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
-    return tables, block_tables
+class RaggedBatch:
+    """Random sequences in a shuffled page pool (neighbours in a table are not neighbours in memory), their cached
+    part already written, and the step that adds their new tokens."""
 
+    def __init__(self, shapes, num_heads, num_kv_heads, head_dim, page_size, kv_bits=(None, None), seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.shapes = shapes
+        self.context_lens = [c + n for c, n in shapes]
+        self.query_lens = [n for _, n in shapes]
+        num_pages = sum(-(-c // page_size) for c in self.context_lens) + 3
+        self.cache = PagedKVCache(1, num_pages, page_size, num_kv_heads, head_dim, torch.float32, "cpu", kv_bits)
+        pool = torch.randperm(num_pages, generator=gen).tolist()
+        self.tables = [[pool.pop() for _ in range(-(-c // page_size))] for c in self.context_lens]
+        width = max(len(t) for t in self.tables) + 1  # an extra padded column, as the scheduler may send
+        self.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in self.tables])
+        self.seqs = [
+            tuple(torch.randn(ctx, h, head_dim, generator=gen) for h in (num_heads, num_kv_heads, num_kv_heads))
+            for ctx in self.context_lens
+        ]
+        for (cached, _), table, (_, k, v) in zip(shapes, self.tables, self.seqs, strict=True):
+            if cached:
+                self.cache.write(0, k[:cached], v[:cached], self.slots(table, range(cached)))
+        self.page_size = page_size
 
-def slots_for(table: list[int], positions: range, page_size: int) -> list[int]:
-    return [table[p // page_size] * page_size + p % page_size for p in positions]
+    def slots(self, table: list[int], positions: range) -> torch.Tensor:
+        ps = self.cache.page_size
+        return torch.tensor([table[p // ps] * ps + p % ps for p in positions], dtype=torch.int64)
 
+    def new(self, index: int) -> torch.Tensor:
+        """q, k or v (index 0, 1, 2) of every sequence's new tokens, concatenated."""
+        return torch.cat([s[index][c:] for (c, _), s in zip(self.shapes, self.seqs, strict=True)])
 
-@pytest.mark.parametrize("page_size", [1, 3, 16])
-@pytest.mark.parametrize(("num_heads", "num_kv_heads"), [(4, 4), (6, 2), (8, 1)])
-def test_paged_attention_equals_dense_causal_sdpa_on_ragged_batches(
-    page_size: int, num_heads: int, num_kv_heads: int
-) -> None:
-    gen = torch.Generator().manual_seed(page_size * 100 + num_heads * 10 + num_kv_heads)
-    # (cached tokens, new tokens): decodes, a whole-prompt prefill, chunks continuing a cached prefix
-    shapes = [(0, 1), (12, 1), (0, 23), (17, 5), (31, 1), (5, 40)]
-    context_lens = [c + n for c, n in shapes]
-    query_lens = [n for _, n in shapes]
-    num_pages = sum(-(-c // page_size) for c in context_lens) + 3
-    cache = PagedKVCache(1, num_pages, page_size, num_kv_heads, HEAD_DIM, torch.float32, "cpu")
-    tables, block_tables = random_page_tables(context_lens, page_size, num_pages, gen)
-
-    seqs = []
-    for ctx in context_lens:
-        seqs.append(
-            tuple(torch.randn(ctx, h, HEAD_DIM, generator=gen) for h in (num_heads, num_kv_heads, num_kv_heads))
+    def forward_batch(self) -> ForwardBatch:
+        slot_mapping = torch.cat(
+            [self.slots(t, range(c, c + n)) for (c, n), t in zip(self.shapes, self.tables, strict=True)]
         )
-    # the cached part goes in first, as earlier steps would have written it
-    for (cached, _), table, (_, k, v) in zip(shapes, tables, seqs, strict=True):
-        if cached:
-            slots = torch.tensor(slots_for(table, range(cached), page_size))
-            cache.write(0, k[:cached], v[:cached], slots)
+        positions = torch.cat([torch.arange(c, c + n) for c, n in self.shapes])
+        return ForwardBatch(
+            input_ids=torch.zeros(len(positions), dtype=torch.int64),
+            positions=positions,
+            query_lens=self.query_lens,
+            context_lens=self.context_lens,
+            block_tables=self.block_tables,
+            slot_mapping=slot_mapping,
+            logits_indices=torch.arange(len(self.shapes)),
+        )
 
-    new = [(q[c:], k[c:], v[c:]) for (c, _), (q, k, v) in zip(shapes, seqs, strict=True)]
-    slot_mapping = torch.tensor(
-        [s for (c, n), t in zip(shapes, tables, strict=True) for s in slots_for(t, range(c, c + n), page_size)]
-    )
-    positions = torch.cat([torch.arange(c, c + n) for c, n in shapes])
-    batch = ForwardBatch(
-        input_ids=torch.zeros(len(positions), dtype=torch.int64),
-        positions=positions,
-        query_lens=query_lens,
-        context_lens=context_lens,
-        block_tables=block_tables,
-        slot_mapping=slot_mapping,
-        logits_indices=torch.arange(len(shapes)),
-    )
-    out = attend_paged(
-        torch.cat([q for q, _, _ in new]),
-        torch.cat([k for _, k, _ in new]),
-        torch.cat([v for _, _, v in new]),
-        cache,
-        0,
-        batch,
-    )
+    def write_new(self) -> None:
+        self.cache.write(0, self.new(1), self.new(2), self.forward_batch().slot_mapping)
 
-    expected = torch.cat([dense_causal_attention(q, k, v)[c:] for (c, _), (q, k, v) in zip(shapes, seqs, strict=True)])
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    def expected(self, kv_bits=(None, None), window: int | None = None) -> torch.Tensor:
+        """Dense attention over each whole sequence, with K/V as the cache returns them (quantized where asked)."""
+        outs = []
+        for (c, _), (q, k, v) in zip(self.shapes, self.seqs, strict=True):
+            k, v = (
+                x if b is None else kv_quant_ref.dequantize_ref(*kv_quant_ref.quantize_ref(x, b), b)
+                for x, b in ((k, kv_bits[0]), (v, kv_bits[1]))
+            )
+            outs.append(dense_causal_attention(q, k, v, window)[c:])
+        return torch.cat(outs)
+
+
+# -- the torch reference ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), HEAD_LAYOUTS)
+def test_paged_attention_equals_dense_causal_sdpa_on_ragged_batches(
+    page_size: int, num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    batch = RaggedBatch(SHAPES, num_heads, num_kv_heads, head_dim, page_size, seed=page_size + num_heads)
+    out = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, batch.forward_batch())
+    torch.testing.assert_close(out, batch.expected(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_bits", [(4, 4), (2, 8), (8, None), (None, 3)])
+@pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128)])
+def test_attention_over_quantized_pages_equals_dense_sdpa_over_the_dequantized_keys_and_values(
+    kv_bits: tuple[int | None, int | None], num_heads: int, num_kv_heads: int, head_dim: int
+) -> None:
+    # the reference rotates the query instead of the keys, and the output instead of every value: exact algebra
+    batch = RaggedBatch(SHAPES, num_heads, num_kv_heads, head_dim, 16, kv_bits, seed=sum(b or 0 for b in kv_bits))
+    out = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, batch.forward_batch())
+    torch.testing.assert_close(out, batch.expected(kv_bits), atol=2e-5, rtol=2e-5)
 
 
 def test_cache_write_puts_each_token_at_its_slot() -> None:
-    cache = PagedKVCache(2, 4, 3, 2, HEAD_DIM, torch.float32, "cpu")
-    k, v = torch.randn(5, 2, HEAD_DIM), torch.randn(5, 2, HEAD_DIM)
+    cache = PagedKVCache(2, 4, 3, 2, 16, torch.float32, "cpu")
+    k, v = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
     slots = torch.tensor([11, 0, 4, 5, 7])
     cache.write(1, k, v, slots)
     for i, slot in enumerate(slots.tolist()):
         page, offset = divmod(slot, 3)
         assert torch.equal(cache.k[1][page, offset], k[i]) and torch.equal(cache.v[1][page, offset], v[i])
     assert not cache.k[0].any()  # other layers untouched
-    assert cache.bytes_per_token() == kv_bytes_per_token(2, 2, HEAD_DIM, torch.float32) == 2 * 2 * 2 * HEAD_DIM * 4
+    assert cache.bytes_per_token() == kv_bytes_per_token(2, 2, 16, torch.float32) == 2 * 2 * 2 * 16 * 4
 
 
 def test_paged_attention_works_in_bfloat16_close_to_float32() -> None:
     gen = torch.Generator().manual_seed(7)
-    k_pages, v_pages = torch.randn(8, 4, 2, HEAD_DIM, generator=gen), torch.randn(8, 4, 2, HEAD_DIM, generator=gen)
-    q = torch.randn(7, 4, HEAD_DIM, generator=gen)
+    k_pages, v_pages = torch.randn(8, 4, 2, 16, generator=gen), torch.randn(8, 4, 2, 16, generator=gen)
+    q = torch.randn(7, 4, 16, generator=gen)
     tables = torch.tensor([[5, 2, 7], [1, 0, 0]])
     args = (tables, [4, 3], [10, 3])
     ref = paged_attention(q, k_pages, v_pages, *args)
@@ -114,15 +177,91 @@ def test_paged_attention_works_in_bfloat16_close_to_float32() -> None:
 
 
 def test_paged_attention_names_inconsistent_batches() -> None:
-    k_pages = v_pages = torch.zeros(4, 2, 1, HEAD_DIM)
-    q = torch.zeros(3, 2, HEAD_DIM)
+    k_pages = v_pages = torch.zeros(4, 2, 1, 16)
+    q = torch.zeros(3, 2, 16)
     with pytest.raises(ValueError, match="sum to 2 but q has 3 tokens"):
         paged_attention(q, k_pages, v_pages, torch.zeros(1, 2, dtype=torch.int64), [2], [4])
     with pytest.raises(ValueError, match="query_len <= context_len"):
         paged_attention(q, k_pages, v_pages, torch.zeros(1, 2, dtype=torch.int64), [3], [2])
     with pytest.raises(ValueError, match="needs more"):
         paged_attention(q, k_pages, v_pages, torch.zeros(1, 1, dtype=torch.int64), [3], [4])
+    two_heads = torch.zeros(4, 2, 2, 16)
     with pytest.raises(ValueError, match="3 query heads cannot share 2 kv heads"):
-        paged_attention(
-            torch.zeros(3, 3, HEAD_DIM), torch.zeros(4, 2, 2, HEAD_DIM), k_pages, torch.zeros(1, 2), [3], [3]
+        paged_attention(torch.zeros(3, 3, 16), two_heads, two_heads, torch.zeros(1, 2), [3], [3])
+    with pytest.raises(ValueError, match="k and v pages disagree"):
+        paged_attention(q, two_heads, v_pages, torch.zeros(1, 2), [3], [3])
+
+
+# -- the Triton kernel (interpreter) against the reference -----------------------------------------------------------
+TRITON_CASES = [
+    # (heads, kv heads, head_dim, page size, kv bits, dtype, split contexts?)
+    (4, 4, 32, 16, (None, None), torch.float32, False),
+    (9, 3, 64, 3, (None, None), torch.float32, True),
+    (8, 1, 32, 1, (None, None), torch.float16, True),
+    (32, 8, 128, 16, (4, 4), torch.float32, True),
+    (9, 3, 64, 16, (4, None), torch.float32, False),
+    (9, 3, 64, 5, (None, 3), torch.float32, True),
+    (16, 2, 64, 16, (2, 8), torch.float16, False),
+    (6, 2, 96, 16, (4, 4), torch.float32, True),  # head_dim not a power of two: 3 groups in a 4-group tile
+    (4, 2, 80, 7, (None, None), torch.float32, False),
+]
+
+
+def triton_vs_reference(
+    batch: RaggedBatch, dtype: torch.dtype, split: bool, window: int | None = None, word_loads: bool = True
+) -> None:
+    def in_dtype(pages: torch.Tensor | kv_quant_ref.QuantPages) -> torch.Tensor | kv_quant_ref.QuantPages:
+        return pages.to(dtype) if isinstance(pages, torch.Tensor) else pages
+
+    q = batch.new(0).to(dtype)
+    args = (q, in_dtype(batch.cache.k[0]), in_dtype(batch.cache.v[0]), batch.block_tables)
+    lens = (batch.query_lens, batch.context_lens)
+    # many splits of 16 keys, or one program per query block
+    config = triton_attention.AttentionConfig(block_n=16, target_programs=10_000 if split else 1, word_loads=word_loads)
+    plan = triton_attention.plan_attention(*lens, q.shape[1], batch.cache.num_kv_heads, "cpu", config)
+    assert (plan.num_splits > 1) == split
+    got = triton_attention.paged_attention(*args, *lens, window=window, plan=plan)
+    want = paged_attention(*args, *lens, window=window)
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    tol = 2e-3 if dtype == torch.float16 else 2e-5
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "num_kv_heads", "head_dim", "page_size", "kv_bits", "dtype", "split"), TRITON_CASES
+)
+def test_triton_paged_attention_matches_the_reference_on_ragged_prefill_and_decode(
+    num_heads, num_kv_heads, head_dim, page_size, kv_bits, dtype, split
+) -> None:
+    batch = RaggedBatch(SHAPES, num_heads, num_kv_heads, head_dim, page_size, kv_bits, seed=num_heads * page_size)
+    batch.write_new()
+    triton_vs_reference(batch, dtype, split)
+
+
+@pytest.mark.parametrize(("kv_bits", "word_loads"), [((None, None), True), ((4, 4), True), ((3, 5), False)])
+def test_triton_decode_over_long_contexts_split_many_ways_matches_the_reference(kv_bits, word_loads) -> None:
+    shapes = [(300, 1), (7, 1), (129, 1), (64, 1)]  # ragged decode: some splits of short sequences see no key
+    batch = RaggedBatch(shapes, 8, 2, 64, 16, kv_bits, seed=3)
+    batch.write_new()
+    triton_vs_reference(batch, torch.float32, split=True, word_loads=word_loads)
+
+
+@pytest.mark.parametrize(("split", "window"), [(False, 7), (True, 7), (True, 30)])
+def test_triton_sliding_window_matches_the_reference(split: bool, window: int) -> None:
+    batch = RaggedBatch(SHAPES + [(90, 1)], 8, 2, 32, 4, seed=11)
+    batch.write_new()
+    triton_vs_reference(batch, torch.float32, split, window=window)
+    pages = (batch.cache.k[0], batch.cache.v[0], batch.block_tables)
+    reference = paged_attention(batch.new(0), *pages, batch.query_lens, batch.context_lens, window=window)
+    torch.testing.assert_close(reference, batch.expected(window=window), atol=1e-5, rtol=1e-5)
+
+
+def test_triton_attention_refuses_pages_it_cannot_read() -> None:
+    q = torch.zeros(2, 4, 32)
+    pages = torch.zeros(4, 4, 2, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="in torch.float32"):
+        triton_attention.paged_attention(q, pages, pages, torch.zeros(1, 1, dtype=torch.int64), [2], [2])
+    with pytest.raises(ValueError, match="sliding window must cover at least one position"):
+        triton_attention.paged_attention(
+            q, pages.float(), pages.float(), torch.zeros(1, 1, dtype=torch.int64), [2], [2], window=0
         )

@@ -1,24 +1,33 @@
-"""The scheduler's bookkeeping, in plain Python: page accounting, token budget, FIFO, chunking, preemption."""
+"""The scheduler's bookkeeping, in plain Python: page accounting, token budget, FIFO, chunking, preemption, and
+prefix reuse under random load."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 
-from inference_worker.scheduler import CapacityError, PageAllocator, Scheduler, SeqStatus, Sequence, StepPlan
+from inference_worker.prefix_cache import page_hash
+from inference_worker.scheduler import CapacityError, Scheduler, SeqStatus, Sequence, StepPlan
+
+_distinct = itertools.count(1)
 
 
-def make_seq(seq_id: str, prompt_len: int, max_tokens: int = 4, first_token: int = 1) -> Sequence:
+def make_seq(seq_id: str, prompt_len: int, max_tokens: int = 4, first_token: int | None = None) -> Sequence:
+    """A sequence whose prompt shares no prefix with any other made here, unless first_token says so."""
+    if first_token is None:
+        first_token = next(_distinct) * 1000
     return Sequence(seq_id, list(range(first_token, first_token + prompt_len)), max_tokens)
 
 
 class CacheModel:
-    """Stands in for the KV cache: remembers which (sequence, position, token) each slot holds."""
+    """Stands in for the KV cache: each slot remembers the tokens its K/V were computed from (the token at that
+    position and every one before it), so a sequence reading a shared page sees whether it holds *its* prefix."""
 
     def __init__(self, sched: Scheduler) -> None:
         self.sched = sched
-        self.slots: dict[int, tuple[str, int, int]] = {}
+        self.slots: dict[int, tuple[int, ...]] = {}
 
     def run(self, plan: StepPlan) -> None:
         ps = self.sched.page_size
@@ -27,23 +36,44 @@ class CacheModel:
             # everything before this chunk must already be in the cache, at the slots the block table names
             for pos in range(item.positions[0]):
                 slot = item.block_table[pos // ps] * ps + pos % ps
-                assert self.slots.get(slot) == (seq.seq_id, pos, seq.tokens(pos, pos + 1)[0]), (seq.seq_id, pos)
-            for tok, pos, slot in zip(item.token_ids, item.positions, item.slot_mapping, strict=True):
-                assert slot // ps in item.block_table
-                self.slots[slot] = (seq.seq_id, pos, tok)
+                assert self.slots.get(slot) == tuple(seq.tokens(0, pos + 1)), (seq.seq_id, pos)
+            for pos, slot in zip(item.positions, item.slot_mapping, strict=True):
+                page = slot // ps
+                assert page in item.block_table
+                assert self.sched.pool.refcount(page) == 1, f"{seq.seq_id} writes into shared page {page}"
+                self.slots[slot] = tuple(seq.tokens(0, pos + 1))
 
 
-def check_accounting(sched: Scheduler) -> None:
-    owned: list[int] = []
+def chained_hash(tokens: tuple[int, ...], page_size: int) -> bytes:
+    h = None
+    for i in range(0, len(tokens), page_size):
+        h = page_hash(h, tokens[i : i + page_size])
+    return h
+
+
+def check_accounting(sched: Scheduler, cache: CacheModel | None = None) -> None:
+    pool, ps = sched.pool, sched.page_size
+    holders = [0] * sched.num_pages
     for seq in list(sched.running) + list(sched.waiting):
-        owned.extend(seq.pages)
+        assert len(seq.pages) == len(set(seq.pages)), f"{seq.seq_id} holds a page twice"
+        for page in seq.pages:
+            holders[page] += 1
         if seq.status is SeqStatus.WAITING:
             assert seq.pages == [] and seq.num_computed == 0
         else:
-            assert len(seq.pages) == -(-seq.num_computed // sched.page_size)
-    assert len(owned) == len(set(owned)), "a page is owned by two live sequences"
-    assert len(owned) + sched.num_free_pages == sched.allocator.num_pages, "a page leaked"
+            assert len(seq.pages) == -(-seq.num_computed // ps)
+    for page in range(sched.num_pages):
+        assert pool.refcount(page) == holders[page], (
+            f"page {page}: refcount {pool.refcount(page)}, {holders[page]} holders"
+        )
+    assert pool.num_free == holders.count(0), "a page leaked (or is counted free while held)"
     assert len(sched.running) <= sched.max_batch_size
+    if cache is not None:  # a page found by its hash really holds that prefix
+        for page in range(sched.num_pages):
+            name = pool.hash_of(page)
+            if name is not None:
+                content = cache.slots.get(page * ps + ps - 1)
+                assert content is not None and chained_hash(content, ps) == name, f"page {page} holds another prefix"
 
 
 def advance(sched: Scheduler, plan: StepPlan, rng: random.Random | None = None) -> list[Sequence]:
@@ -51,36 +81,32 @@ def advance(sched: Scheduler, plan: StepPlan, rng: random.Random | None = None) 
     done = []
     for item in plan.scheduled:
         if item.samples:
-            item.seq.output_ids.append(rng.randrange(1000) if rng else 7)
+            item.seq.output_ids.append(rng.randrange(3) if rng else 7)
             if len(item.seq.output_ids) >= item.seq.max_tokens:
                 sched.finish(item.seq)
                 done.append(item.seq)
     return done
 
 
-def test_allocator_refuses_double_free_and_over_allocation() -> None:
-    alloc = PageAllocator(3)
-    pages = alloc.allocate(2)
-    assert alloc.num_free == 1
-    with pytest.raises(RuntimeError, match="only 1 are free"):
-        alloc.allocate(2)
-    alloc.free(pages)
-    with pytest.raises(RuntimeError, match="freed twice"):
-        alloc.free(pages[:1])
-    assert alloc.num_free == 3
-
-
-def test_random_admit_step_finish_abort_keeps_pages_exact_and_loses_nothing() -> None:
+def test_random_admit_step_finish_abort_with_shared_prefixes_keeps_pages_exact_and_loses_nothing() -> None:
     rng = random.Random(1234)
     sched = Scheduler(num_pages=12, page_size=4, max_batch_size=4, max_batch_tokens=10)
     cache = CacheModel(sched)
+    system_prompts = [[], [1, 2, 3, 4, 5], list(range(20, 29)), list(range(40, 53))]
     added: dict[str, Sequence] = {}
     finished: set[str] = set()
     aborted: set[str] = set()
     next_id = 0
+    hits = queries = 0
     for _step in range(1500):
         for _ in range(rng.choice([0, 0, 1, 2])):
-            seq = make_seq(f"s{next_id}", rng.randint(1, 20), rng.randint(1, 12), first_token=next_id * 100)
+            done = [added[s] for s in finished]
+            if done and rng.random() < 0.3:  # a next chat turn: an earlier prompt + answer, then more
+                earlier = rng.choice(done)
+                prompt = earlier.prompt_ids + earlier.output_ids + [rng.randrange(3) for _ in range(rng.randint(1, 4))]
+            else:
+                prompt = rng.choice(system_prompts) + [rng.randrange(3) for _ in range(rng.randint(1, 8))]
+            seq = Sequence(f"s{next_id}", prompt, rng.randint(1, 12))
             next_id += 1
             if seq.max_total_tokens > sched.capacity_tokens:
                 with pytest.raises(CapacityError):
@@ -99,23 +125,27 @@ def test_random_admit_step_finish_abort_keeps_pages_exact_and_loses_nothing() ->
         assert all(i.seq.status is SeqStatus.RUNNING for i in plan.scheduled)
         if sched.has_work():
             assert not plan.is_empty, "live sequences but nothing scheduled: stalled"
+        hits, queries = hits + plan.prefix_hit_tokens, queries + plan.prefix_query_tokens
         cache.run(plan)
         for seq in advance(sched, plan, rng):
             assert seq.seq_id not in finished
             finished.add(seq.seq_id)
-        check_accounting(sched)
+        check_accounting(sched, cache)
     while sched.has_work():  # drain: everything still live finishes
         plan = sched.schedule()
         assert not plan.is_empty
         cache.run(plan)
         finished.update(s.seq_id for s in advance(sched, plan, rng))
-        check_accounting(sched)
+        check_accounting(sched, cache)
     assert sched.num_preemptions > 0, "the stress test should exercise preemption"
+    assert sched.pool.num_evictions > 0, "the stress test should evict cached pages"
+    assert 0 < hits < queries, "the stress test should reuse some prefixes"
     assert finished | aborted == set(added)
     assert not finished & aborted
     for seq_id in finished:
         assert len(added[seq_id].output_ids) == added[seq_id].max_tokens, "a token was lost or duplicated"
-    assert sched.num_free_pages == sched.allocator.num_pages
+    assert sched.num_free_pages == sched.num_pages
+    assert all(sched.pool.refcount(p) == 0 for p in range(sched.num_pages))
 
 
 def test_decodes_go_first_and_prefills_are_chunked_into_the_remaining_budget() -> None:
@@ -168,7 +198,7 @@ def test_batch_size_limits_admission() -> None:
 
 
 def test_preemption_evicts_the_newest_and_recomputes_it_from_prompt_plus_output() -> None:
-    sched = Scheduler(num_pages=5, page_size=2, max_batch_size=4, max_batch_tokens=16)
+    sched = Scheduler(num_pages=5, page_size=2, max_batch_size=4, max_batch_tokens=16, prefix_caching=False)
     cache = CacheModel(sched)
     old, new = make_seq("old", 4, max_tokens=5), make_seq("new", 4, max_tokens=5, first_token=50)
     sched.add(old)
@@ -212,7 +242,7 @@ def test_finish_releases_pages_at_once_and_rejects_unknown_sequences() -> None:
     sched.schedule()
     assert sched.num_free_pages == 5
     sched.finish(seq)
-    assert sched.num_free_pages == 8 and not sched.has_work()
+    assert sched.num_free_pages == sched.num_pages == 8 and not sched.has_work()
     with pytest.raises(ValueError, match="not scheduled"):
         sched.finish(seq)
 

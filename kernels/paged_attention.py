@@ -1,0 +1,494 @@
+"""Paged attention in Triton: decode and (chunked) prefill over a paged KV cache, fp or quantized pages.
+
+The torch reference is ``inference_worker.attention.paged_attention``; tests compare the two on ragged batches.
+
+One kernel serves every step. A program owns one *query block* of one sequence and one kv head: the rows of its
+tile are (query token, query head of that kv head's group) pairs, so GQA heads share every K/V tile they read, and
+a decode step (one token per sequence) fills its rows with the group's heads instead of wasting them. The program
+walks the sequence's keys through its block table in BLOCK_N tiles (any page size works: each key finds its page),
+with an online softmax. Long contexts are split over several programs (flash-decoding) when the batch alone would
+not fill the GPU; a second small kernel merges the splits.
+
+Quantized pages (kernels/kv_quant_ref.py) are read directly: codes are unpacked and scaled in registers. Keys and values
+sit rotated by the 32-point Hadamard, so the kernel rotates the query once (q . k = Hq . Hk) and un-rotates the
+output once (sum p Hv = H sum p v) instead of touching every cached element twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.kv_quant import check_device
+from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
+
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int | None = None  # rows per program (query tokens x group heads); None: 16 for decode, 64 for prefill
+    block_n: int = 64  # keys per tile
+    num_warps: int = 4
+    num_stages: int = 2
+    target_programs: int | None = None  # split contexts until about this many programs run; None: 4 per SM
+    # Quantized pages: load each bit-plane word once and spread it in registers (True), or let every value gather
+    # its own copy (False). Both are exact; bench/kv_cache.py times them.
+    word_loads: bool = True
+
+
+@dataclass
+class AttentionPlan:
+    """How one ragged batch maps onto programs; the same for every layer of a forward, so built once per step."""
+
+    block_seq: torch.Tensor  # [NB] int32: the sequence of each query block
+    block_tok: torch.Tensor  # [NB] int32: its first query token, counted within the sequence's chunk
+    q_start: torch.Tensor  # [B] int32: the sequence's first row in q
+    q_len: torch.Tensor  # [B] int32
+    ctx_len: torch.Tensor  # [B] int32
+    num_tokens: int
+    group: int  # query heads per kv head
+    block_m: int
+    tokens_per_block: int
+    block_n: int
+    split_len: int  # keys per split, a multiple of block_n
+    num_splits: int
+    config: AttentionConfig
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2  # the interpreter: keep tests small but still exercise splitting
+
+
+def plan_attention(
+    query_lens: list[int],
+    context_lens: list[int],
+    num_heads: int,
+    num_kv_heads: int,
+    device: torch.device | str,
+    config: AttentionConfig | None = None,
+) -> AttentionPlan:
+    """Programs for one step: query blocks of ``block_m`` rows per sequence and kv head, and how many splits of
+    the keys each gets (small tensors, built on the host once and shared by every layer)."""
+    config = config or AttentionConfig()
+    device = torch.device(device)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads evenly")
+    if len(query_lens) != len(context_lens) or not query_lens:
+        raise ValueError(f"need one context length per query length, got {len(query_lens)} and {len(context_lens)}")
+    if any(ql < 1 or ql > cl for ql, cl in zip(query_lens, context_lens, strict=True)):
+        raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {query_lens} and {context_lens}")
+    group = num_heads // num_kv_heads
+    decode = max(query_lens) == 1
+    block_m = config.block_m or (16 if decode else 64)
+    block_m = max(block_m, triton.next_power_of_2(group))
+    tokens_per_block = block_m // group
+
+    q_lens = torch.tensor(query_lens, dtype=torch.int32)
+    blocks_per_seq = (q_lens + tokens_per_block - 1) // tokens_per_block
+    block_seq = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32), blocks_per_seq)
+    first_block = torch.cumsum(blocks_per_seq, 0) - blocks_per_seq
+    block_tok = (torch.arange(len(block_seq), dtype=torch.int32) - first_block[block_seq]) * tokens_per_block
+
+    # Split the keys when the batch gives fewer programs than the GPU wants (decode over long contexts).
+    tiles = -(-max(context_lens) // config.block_n)
+    programs = len(block_seq) * num_kv_heads
+    target = config.target_programs or 4 * _num_sms(device)
+    splits = max(1, min(tiles, -(-target // programs)))
+    tiles_per_split = -(-tiles // splits)
+    splits = -(-tiles // tiles_per_split)
+
+    def dev(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.int32).to(device, non_blocking=True)
+
+    return AttentionPlan(
+        block_seq=dev(block_seq),
+        block_tok=dev(block_tok),
+        q_start=dev(torch.cumsum(q_lens, 0) - q_lens),
+        q_len=dev(q_lens),
+        ctx_len=dev(torch.tensor(context_lens)),
+        num_tokens=int(q_lens.sum()),
+        group=group,
+        block_m=block_m,
+        tokens_per_block=tokens_per_block,
+        block_n=config.block_n,
+        split_len=tiles_per_split * config.block_n,
+        num_splits=splits,
+        config=config,
+    )
+
+
+_BLOCK_HADAMARD: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+
+
+def block_hadamard(head_dim: int, block_d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[block_d, block_d]: the +-1 Hadamard-32 on each group of the first head_dim dims, zero elsewhere."""
+    key = (head_dim, block_d, str(device), dtype)
+    if key not in _BLOCK_HADAMARD:
+        h = torch.zeros(block_d, block_d, dtype=dtype, device=device)
+        signs = hadamard_signs(device, dtype)
+        for g in range(head_dim // GROUP):
+            h[g * GROUP : (g + 1) * GROUP, g * GROUP : (g + 1) * GROUP] = signs
+        _BLOCK_HADAMARD[key] = h
+    return _BLOCK_HADAMARD[key]
+
+
+@triton.jit
+def _load_kv_tile(
+    pages_ptr,
+    scales_ptr,
+    slots,
+    k_ok,
+    kv_head,
+    stride_slot,
+    stride_scale_slot,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
+    OUT_DTYPE: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] keys or values of one kv head at the given slots, as OUT_DTYPE (dequantized if BITS)."""
+    dims = tl.arange(0, BLOCK_D)
+    if BITS == 0:
+        ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * HEAD_DIM + dims[None, :]
+        tile = tl.load(ptrs, mask=k_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    elif WORD_LOADS:
+        # Each bit-plane word is loaded once, as a [BLOCK_N, groups] tile, and spread over its 32 values in
+        # registers: [BLOCK_N, groups, 32] -> [BLOCK_N, BLOCK_D] (d = 32 * group + lane).
+        BLOCK_G: tl.constexpr = BLOCK_D // 32
+        groups = tl.arange(0, BLOCK_G)
+        mask = k_ok[:, None] & (groups < HEAD_DIM // 32)[None, :]
+        group = kv_head * (HEAD_DIM // 32) + groups
+        words = pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :]
+        lane = tl.arange(0, 32)[None, None, :]
+        code = (tl.load(words, mask=mask, other=0)[:, :, None] >> lane) & 1
+        for j in tl.static_range(1, BITS):  # bit plane j holds bit j of each of the group's 32 codes
+            code |= ((tl.load(words + j, mask=mask, other=0)[:, :, None] >> lane) & 1) << j
+        scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=mask, other=0.0)
+        value = ((2 * code + 1).to(tl.float32) * (1.0 / (1 << BITS)) - 1.0) * scale.to(tl.float32)[:, :, None]
+        tile = tl.reshape(value, [BLOCK_N, BLOCK_D])
+    else:
+        # The same, with every value loading its own copy of its word (a gather; the cache serves the repeats).
+        valid = k_ok[:, None] & (dims < HEAD_DIM)[None, :]
+        group = kv_head * (HEAD_DIM // 32) + dims // 32
+        lane = dims % 32
+        words = pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :]
+        code = (tl.load(words, mask=valid, other=0) >> lane[None, :]) & 1
+        for j in tl.static_range(1, BITS):
+            code |= ((tl.load(words + j, mask=valid, other=0) >> lane[None, :]) & 1) << j
+        scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=valid, other=0.0)
+        tile = ((2 * code + 1).to(tl.float32) * (1.0 / (1 << BITS)) - 1.0) * scale.to(tl.float32)
+    return tile.to(OUT_DTYPE)
+
+
+@triton.jit
+def _store_rows(
+    out_ptr,
+    acc,
+    l_sum,
+    h_ptr,
+    q_start,
+    tok,
+    head,
+    row_ok,
+    dims,
+    dim_ok,
+    stride_ot,
+    stride_oh,
+    BLOCK_D: tl.constexpr,
+    UNROTATE: tl.constexpr,
+):
+    out = acc / l_sum[:, None]
+    if UNROTATE:  # values were summed in the rotated domain: apply H (its own inverse) once per output row
+        hd = tl.arange(0, BLOCK_D)
+        h = tl.load(h_ptr + hd[:, None] * BLOCK_D + hd[None, :]).to(tl.float32)
+        out = tl.dot(out, h, input_precision="ieee") * 0.17677669529663687
+    ptrs = out_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    out_ptr,
+    k_ptr,
+    k_scales_ptr,
+    v_ptr,
+    v_scales_ptr,
+    h_ptr,
+    block_tables_ptr,
+    block_seq_ptr,
+    block_tok_ptr,
+    q_start_ptr,
+    q_len_ptr,
+    ctx_len_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    sm_scale_log2,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_k_slot,
+    stride_ks_slot,
+    stride_v_slot,
+    stride_vs_slot,
+    split_len,
+    window,
+    PAGE_SIZE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    K_BITS: tl.constexpr,
+    V_BITS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = tl.load(block_seq_ptr + block)
+    tok0 = tl.load(block_tok_ptr + block)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_len_ptr + seq)
+    ctx = tl.load(ctx_len_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP_SIZE
+    head = kv_head * GROUP_SIZE + rows % GROUP_SIZE
+    row_ok = (rows < TOKENS_PER_BLOCK * GROUP_SIZE) & (tok < q_len)
+    # keys past the block's last query token are in everyone's future
+    kv_end = ctx - q_len + tl.minimum(tok0 + TOKENS_PER_BLOCK, q_len)
+    q_pos = tl.where(row_ok, ctx - q_len + tok, kv_end - 1)  # padding rows copy the last real one: never empty
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q = tl.load(
+        q_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + dims[None, :],
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
+    )
+    if K_BITS > 0:  # keys are stored rotated: rotate the query once instead of un-rotating every key
+        hd = tl.arange(0, BLOCK_D)
+        h = tl.load(h_ptr + hd[:, None] * BLOCK_D + hd[None, :]).to(q.dtype)
+        q = (tl.dot(q, h, input_precision=DOT_PRECISION) * 0.17677669529663687).to(q.dtype)
+
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, kv_end)
+    if HAS_WINDOW:  # keys older than the first query's window are nobody's
+        lo = tl.maximum(lo, ctx - q_len + tok0 - window + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    for start in range(lo, hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        k_ok = k_pos < hi
+        page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0)
+        slots = page.to(tl.int64) * PAGE_SIZE + k_pos % PAGE_SIZE
+        k = _load_kv_tile(
+            k_ptr, k_scales_ptr, slots, k_ok, kv_head, stride_k_slot, stride_ks_slot,
+            HEAD_DIM, BLOCK_N, BLOCK_D, K_BITS, WORD_LOADS, q.dtype,
+        )  # fmt: skip
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+        if HAS_WINDOW:
+            visible &= k_pos[None, :] > q_pos[:, None] - window
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet stays at zero
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _load_kv_tile(
+            v_ptr, v_scales_ptr, slots, k_ok, kv_head, stride_v_slot, stride_vs_slot,
+            HEAD_DIM, BLOCK_N, BLOCK_D, V_BITS, WORD_LOADS, q.dtype,
+        )  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if SPLIT:  # partial softmax state for the merge kernel: [block, kv_head, split, row]
+        part = ((block * tl.num_programs(1) + kv_head) * tl.num_programs(2) + split).to(tl.int64) * BLOCK_M + rows
+        tl.store(part_m_ptr + part, m_i)
+        tl.store(part_l_ptr + part, l_i)
+        tl.store(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], acc)
+    else:
+        unrotate: tl.constexpr = V_BITS > 0
+        _store_rows(
+            out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh, BLOCK_D, unrotate
+        )
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    out_ptr,
+    h_ptr,
+    block_seq_ptr,
+    block_tok_ptr,
+    q_start_ptr,
+    q_len_ptr,
+    num_splits,
+    stride_ot,
+    stride_oh,
+    GROUP_SIZE: tl.constexpr,
+    TOKENS_PER_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    UNROTATE: tl.constexpr,
+):
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(block_seq_ptr + block)
+    tok0 = tl.load(block_tok_ptr + block)
+    q_start = tl.load(q_start_ptr + seq)
+    q_len = tl.load(q_len_ptr + seq)
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP_SIZE
+    head = kv_head * GROUP_SIZE + rows % GROUP_SIZE
+    row_ok = (rows < TOKENS_PER_BLOCK * GROUP_SIZE) & (tok < q_len)
+    dims = tl.arange(0, BLOCK_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first = (block * tl.num_programs(1) + kv_head).to(tl.int64) * num_splits
+    for split in range(0, num_splits):
+        part = (first + split) * BLOCK_M + rows
+        m_s = tl.load(part_m_ptr + part)
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a split that saw no key has l = 0, acc = 0
+        alpha = tl.exp2(m_i - m_ref)
+        beta = tl.exp2(m_s - m_ref)
+        l_i = l_i * alpha + tl.load(part_l_ptr + part) * beta
+        acc = acc * alpha[:, None] + tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :]) * beta[:, None]
+        m_i = m_new
+    _store_rows(
+        out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dims < HEAD_DIM, stride_ot, stride_oh, BLOCK_D,
+        UNROTATE,
+    )  # fmt: skip
+
+
+def _pages_args(pages: torch.Tensor | QuantPages) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(data, scales, stride per slot, scale stride per slot, bits) for one side; scales is data when unquantized."""
+    if isinstance(pages, QuantPages):
+        codes, scales = pages.codes, pages.scales
+        return codes, scales, codes[0, 0].numel(), scales[0, 0].numel(), pages.bits
+    return pages, pages, pages[0, 0].numel(), 0, 0
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor | QuantPages,
+    v_pages: torch.Tensor | QuantPages,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    scale: float | None = None,
+    window: int | None = None,
+    plan: AttentionPlan | None = None,
+    config: AttentionConfig | None = None,
+) -> torch.Tensor:
+    """Causal attention of q [T, heads, head_dim] over paged K/V (see inference_worker.attention for the contract;
+    ``window``: each query sees only that many latest positions, its own included).
+
+    Pages are ``[pages, page_size, kv_heads, head_dim]`` tensors in q's dtype, or ``QuantPages``. ``plan`` (from
+    ``plan_attention``) may be passed to share it between layers; it fixes the tile shapes and splits, while
+    ``config`` (default: the plan's) gives the kernel's warps, stages and word loads. Returns [T, heads, head_dim]
+    in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    k_data, k_scales, k_stride, ks_stride, k_bits = _pages_args(k_pages)
+    v_data, v_scales, v_stride, vs_stride, v_bits = _pages_args(v_pages)
+    page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
+    for name, data, bits in (("k", k_data, k_bits), ("v", v_data, v_bits)):
+        if not bits and (data.dtype != q.dtype or tuple(data.shape[2:]) != (num_kv_heads, head_dim)):
+            raise ValueError(
+                f"{name} pages must be [pages, page_size, {num_kv_heads}, {head_dim}] in {q.dtype}, got "
+                f"{tuple(data.shape)} in {data.dtype}"
+            )
+        if bits and data.shape[1] != page_size:
+            raise ValueError(f"{name} pages have page size {data.shape[1]}, the other side {page_size}")
+    if not k_data.is_contiguous() or not v_data.is_contiguous():
+        raise ValueError("KV pages must be contiguous tensors")
+    check_device(q, k_data, v_data, block_tables)
+    if plan is None:
+        plan = plan_attention(query_lens, context_lens, num_heads, num_kv_heads, q.device, config)
+    if plan.num_tokens != num_tokens:
+        raise ValueError(f"query_lens sum to {plan.num_tokens} but q has {num_tokens} tokens")
+    max_context = max(context_lens)
+    if block_tables.shape[1] < -(-max_context // page_size):
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns; a {max_context}-token context needs more")
+    if window is not None and window < 1:
+        raise ValueError(f"a sliding window must cover at least one position, got {window}")
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    block_tables = block_tables.contiguous()
+
+    scale = head_dim**-0.5 if scale is None else scale
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rotated = k_bits > 0 or v_bits > 0
+    h = block_hadamard(head_dim, block_d, q.device, q.dtype) if rotated else q  # q: an unused placeholder
+    out = torch.empty_like(q)
+    num_blocks = plan.block_seq.shape[0]
+    split = plan.num_splits > 1
+    if split:
+        part_rows = num_blocks * num_kv_heads * plan.num_splits * plan.block_m
+        part_m = torch.empty(part_rows, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(part_rows, block_d, dtype=torch.float32, device=q.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    cfg = config or plan.config
+    _paged_attention_kernel[(num_blocks, num_kv_heads, plan.num_splits)](
+        q, out, k_data, k_scales, v_data, v_scales, h, block_tables,
+        plan.block_seq, plan.block_tok, plan.q_start, plan.q_len, plan.ctx_len,
+        part_acc, part_m, part_l,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_stride, ks_stride, v_stride, vs_stride,
+        plan.split_len, window or 0,
+        PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
+        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=cfg.word_loads,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split:
+        _merge_splits_kernel[(num_blocks, num_kv_heads)](
+            part_acc, part_m, part_l, out, h,
+            plan.block_seq, plan.block_tok, plan.q_start, plan.q_len,
+            plan.num_splits, out.stride(0), out.stride(1),
+            GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, UNROTATE=v_bits > 0,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    return out
+
+
+def attention_bytes(
+    k_pages: torch.Tensor | QuantPages, v_pages: torch.Tensor | QuantPages, context_lens: list[int]
+) -> int:
+    """Bytes of K/V a step must read at least (each context once per kv head): for achieved-bandwidth figures."""
+    total = 0
+    for pages in (k_pages, v_pages):
+        data, scales, stride, scale_stride, bits = _pages_args(pages)
+        per_slot = stride * data.element_size() + (scale_stride * scales.element_size() if bits else 0)
+        total += per_slot * sum(context_lens)
+    return total
