@@ -1,10 +1,14 @@
 """An EXL3-quantized linear behind the common ``Linear`` interface.
 
-Two execution paths, picked once at load by ``select_path``:
+Two execution paths, picked once at load:
 - "dense": reconstruct W once (kernels.exl3_ref, bit-exact decode) and run a plain matmul. Used on CPU, and on CUDA
   when no Triton kernel is available. Costs the dense weight's memory, so it is the fallback, not the goal.
-- "triton": keep only the packed trellis on the GPU and call ``kernels.exl3_matmul.exl3_matmul`` (same contract as
-  ``kernels.exl3_ref.exl3_matmul_ref``: x [..., in_pad] -> y [..., out_pad], Hadamards and scales fused).
+- "triton": keep only what the file stores (packed trellis, suh, svh, bias) on the device and call
+  ``kernels.exl3_matmul.exl3_matmul`` (same contract as ``kernels.exl3_ref.exl3_matmul_ref``: x [..., in_pad] ->
+  y [..., out_pad], Hadamards, scales and bias fused). The layer's memory is then its file size.
+
+The default is "triton" on CUDA, "dense" elsewhere (``select_path``). ``exl3_path("triton")`` forces a path for every
+layer built inside it: tests run the Triton path on CPU under TRITON_INTERPRET=1 and compare it with the dense one.
 
 Layers stored padded to multiples of 128 (e.g. a 576 -> 192 k_proj) take real-width inputs and give real-width
 outputs: inputs are zero-padded, padded output columns are dropped.
@@ -12,6 +16,10 @@ outputs: inputs are zero-padded, padded output columns are dropped.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +38,11 @@ from shared.exl3_format import (
 )
 from shared.model_dir import TensorSource
 
+PATHS = ("dense", "triton")
+# A context variable, not a global: asyncio.to_thread (the worker's model load) carries it into its thread, and
+# nothing outside an ``exl3_path`` block sees it.
+_forced_path: ContextVar[str | None] = ContextVar("exl3_forced_path", default=None)
+
 
 @lru_cache(maxsize=1)
 def triton_matmul() -> Any | None:
@@ -41,20 +54,45 @@ def triton_matmul() -> Any | None:
     return exl3_matmul
 
 
+@contextmanager
+def exl3_path(path: str) -> Iterator[None]:
+    """Build every Exl3Linear inside this block on ``path`` ("dense" or "triton") whatever the device."""
+    if path not in PATHS:
+        raise ValueError(f"unknown EXL3 execution path {path!r}; expected one of {', '.join(PATHS)}")
+    token = _forced_path.set(path)
+    try:
+        yield
+    finally:
+        _forced_path.reset(token)
+
+
+def _check_triton_runs_on(device: torch.device) -> None:
+    if triton_matmul() is None:
+        raise RuntimeError("the EXL3 'triton' path needs kernels.exl3_matmul, which cannot be imported here")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise ValueError(
+            f"the EXL3 'triton' path runs on CUDA, or on {device} only under TRITON_INTERPRET=1 (set before triton "
+            "is imported); use the 'dense' path there"
+        )
+
+
 class Exl3Linear(Linear):
     """y = x W (+ b) with W stored as EXL3 trellis codes (W is (in, out): EXL3's orientation)."""
 
-    def __init__(self, t: Exl3Tensors, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, t: Exl3Tensors, dtype: torch.dtype, device: torch.device | str, path: str | None = None) -> None:
         super().__init__()
         device = torch.device(device)
         self.in_features, self.out_features = t.in_features, t.out_features
         self.in_padded, self.out_padded = t.in_padded, t.out_padded
         self.codebook, self.K = t.codebook, t.K
         self.dtype = dtype
-        self.path = self.select_path(device)
+        self.path = path or _forced_path.get() or self.select_path(device)
+        if self.path not in PATHS:
+            raise ValueError(f"unknown EXL3 execution path {self.path!r}; expected one of {', '.join(PATHS)}")
         bias = None if t.bias is None else t.bias.to(device=device, dtype=dtype)
         self.register_buffer("bias", bias)
         if self.path == "triton":
+            _check_triton_runs_on(device)
             self.register_buffer("trellis", t.trellis.to(device))
             self.register_buffer("suh", t.suh.to(device))
             self.register_buffer("svh", t.svh.to(device))
@@ -66,7 +104,7 @@ class Exl3Linear(Linear):
 
     @staticmethod
     def select_path(device: torch.device) -> str:
-        """The seam between kernels: "triton" on CUDA when the fused kernel is importable, else "dense"."""
+        """The default seam between kernels: "triton" on CUDA when the fused kernel is importable, else "dense"."""
         if device.type == "cuda" and triton_matmul() is not None:
             return "triton"
         return "dense"
@@ -76,10 +114,9 @@ class Exl3Linear(Linear):
             raise ValueError(f"Exl3Linear expects {self.in_features} input features, got {x.shape[-1]}")
         if self.path == "dense":
             return F.linear(x, self.weight, self.bias)
-        if self.in_padded != self.in_features:
-            x = F.pad(x, (0, self.in_padded - self.in_features))
-        y = triton_matmul()(x, self.trellis, self.suh, self.svh, self.codebook)[..., : self.out_features]
-        return y if self.bias is None else y + self.bias
+        # The kernel zero-pads missing input features itself and adds the bias in its epilogue.
+        y = triton_matmul()(x, self.trellis, self.suh, self.svh, self.codebook, self.bias)
+        return y if self.out_padded == self.out_features else y[..., : self.out_features]
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, K={self.K}, codebook={self.codebook}, path={self.path}"
@@ -94,6 +131,7 @@ def build_exl3_linear(prefix: str, source: TensorSource, dtype: torch.dtype, dev
     """Builder registered in ``inference_worker.layers.LINEAR_BUILDERS`` for prefixes holding ``{prefix}.trellis``.
 
     The real sizes of layers stored padded come from quantization_config.json; otherwise the stored sizes are real.
+    The path is the device's default unless an ``exl3_path`` block forces one.
     """
     model_dir = getattr(source, "model_dir", None)
     qcfg = None
