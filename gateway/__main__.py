@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.redis_url:
         log.error("TRELLIS_REDIS_URL is not set (trellis up sets it; or point it at your Redis)")
         return 2
-    asyncio.run(_run(settings))
+    try:
+        asyncio.run(_run(settings))
+    except ValueError as exc:  # a bad key list, or open access on a non-loopback address
+        log.error("cannot start: %s", exc)
+        return 2
     return 0
 
 

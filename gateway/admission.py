@@ -1,7 +1,10 @@
-"""Turn a validated request into a GenerationRequest a worker can run: check the model, tokenize, fit the context.
+"""Turn a validated request into a GenerationRequest a worker can run, and decide whether it may queue at all.
 
-Order matters for the status a client sees: body errors (400) were raised during parsing; here an unknown model is a
-404, a known model with no live worker a 503, and a prompt that does not fit the served context a 400.
+Order matters for the status a client sees: body errors (400) were raised during parsing; here the key's request rate
+is counted first (429), then size limits (400), an unknown model (404), a known model with no live worker (503), a
+prompt that does not fit the served context (400), and last the two reservations: the key's daily token quota and a
+place in the model's queue (429 with Retry-After). A request that gets through holds both; ``InFlight`` gives them
+back.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import uuid
 from dataclasses import dataclass
 
 from gateway import errors
+from gateway.api_keys import ApiKey
+from gateway.config import GatewayConfig
+from gateway.key_limits import QuotaHold
 from gateway.openai_api import CHAT, ParsedRequest
 from gateway.registry import WorkerInfo, context_length
 from gateway.state import GatewayState
+from gateway.stream_meta import RequestMeta
 from shared.tokenizer import ChatTemplateError
 from shared.wire import GenerationRequest
 
@@ -25,6 +32,7 @@ class Admitted:
     request: GenerationRequest
     max_model_len: int | None
     received: float  # time.monotonic() when the gateway got the request: the start of gateway-side TTFT
+    meta: RequestMeta  # what is stored beside the request for resuming and settling
 
     @property
     def id(self) -> str:
@@ -35,21 +43,96 @@ def new_request_id(endpoint: str) -> str:
     return f"{'chatcmpl' if endpoint == CHAT else 'cmpl'}-{uuid.uuid4().hex}"
 
 
-async def admit(parsed: ParsedRequest, state: GatewayState, received: float) -> Admitted:
-    """Resolve the model and build the wire request; raises ApiError (404, 503, 400) when it cannot run."""
+async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key: ApiKey | None) -> Admitted:
+    """Resolve the model, build the wire request and reserve its quota and queue place; raises ApiError (429, 400,
+    404, 503) when it cannot run. The caller must hand the result to ``InFlight``, which releases what it holds."""
+    config = state.config
+    if key is not None:
+        await state.limits.count_request(key)
+    check_request_size(parsed, config)
+    created = time.time()
+    queue_deadline = queue_deadline_of(parsed, config, created)
     workers = await require_served_model(parsed.model, state)
     prompt_ids = await prompt_token_ids(parsed, state)
+    if config.max_prompt_tokens and len(prompt_ids) > config.max_prompt_tokens:
+        raise errors.invalid(
+            f"The prompt is {len(prompt_ids)} tokens; this server accepts at most {config.max_prompt_tokens} "
+            "(TRELLIS_MAX_PROMPT_TOKENS).",
+            _prompt_param(parsed),
+            code="prompt_too_long",
+        )
     max_model_len = context_length(workers)
     params = parsed.params
     params.max_tokens = fit_max_tokens(parsed, len(prompt_ids), max_model_len, state.settings.max_tokens_limit)
     request = GenerationRequest(
-        id=new_request_id(parsed.endpoint),
-        model=parsed.model,
-        prompt_ids=prompt_ids,
-        params=params,
-        created=time.time(),
+        id=new_request_id(parsed.endpoint), model=parsed.model, prompt_ids=prompt_ids, params=params, created=created
     )
-    return Admitted(parsed=parsed, request=request, max_model_len=max_model_len, received=received)
+    cost = len(prompt_ids) + params.n * params.max_tokens
+    hold = await state.limits.reserve_tokens(key, cost) if key is not None else QuotaHold("", 0)
+    try:
+        await state.queue.reserve(parsed.model, request.id, cost, queue_deadline)
+    except BaseException:
+        await state.limits.refund(hold)
+        raise
+    meta = RequestMeta(
+        request_id=request.id,
+        endpoint=parsed.endpoint,
+        model=parsed.model,
+        created=int(created),
+        n=params.n,
+        want_logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
+        include_usage=parsed.include_usage,
+        prompt_tokens=len(prompt_ids),
+        key_id=key.key_id if key is not None else "",
+        reserved_tokens=hold.reserved,
+        quota_key=hold.quota_key,
+        queue_deadline=queue_deadline,
+    )
+    return Admitted(parsed=parsed, request=request, max_model_len=max_model_len, received=received, meta=meta)
+
+
+def check_request_size(parsed: ParsedRequest, config: GatewayConfig) -> None:
+    """Limits checked before any tokenizing: the prompt's characters and each stop string's length."""
+    if isinstance(parsed.prompt, str):
+        chars = len(parsed.prompt)
+    else:
+        chars = sum(len(m.get("content") or "") for m in parsed.messages or [])
+    if chars > config.max_prompt_chars:
+        param = _prompt_param(parsed)
+        raise errors.invalid(
+            f"The {param} holds {chars} characters; the limit is {config.max_prompt_chars} (TRELLIS_MAX_PROMPT_CHARS).",
+            param,
+            code="prompt_too_long",
+        )
+    longest = max((len(s) for s in parsed.params.stop), default=0)
+    if longest > config.max_stop_string_chars:
+        raise errors.invalid(
+            f"A 'stop' string is {longest} characters; the limit is {config.max_stop_string_chars}.", "stop"
+        )
+
+
+def queue_deadline_of(parsed: ParsedRequest, config: GatewayConfig, created: float) -> float:
+    """The unix time by which the request must have started: ``queue_timeout`` (or the default) after ``created``,
+    or the client's ``deadline`` if that comes first."""
+    timeout = config.queue_timeout_seconds if parsed.queue_timeout is None else parsed.queue_timeout
+    if timeout > config.max_queue_timeout_seconds:
+        raise errors.invalid(
+            f"'queue_timeout' may be at most {config.max_queue_timeout_seconds:g} seconds, got {timeout:g}.",
+            "queue_timeout",
+        )
+    deadline = created + timeout
+    if parsed.deadline is not None:
+        if parsed.deadline <= created:
+            raise errors.invalid(
+                f"'deadline' ({parsed.deadline:.3f}, unix seconds) is already past (now: {created:.3f}).", "deadline"
+            )
+        deadline = min(deadline, parsed.deadline)
+    return deadline
+
+
+def _prompt_param(parsed: ParsedRequest) -> str:
+    return "messages" if parsed.endpoint == CHAT else "prompt"
 
 
 async def require_served_model(model: str, state: GatewayState) -> list[WorkerInfo]:

@@ -6,6 +6,7 @@ gateway's rejected-requests metric, so keep codes few, stable and snake_case.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from aiohttp import web
@@ -14,8 +15,18 @@ INVALID_REQUEST = "invalid_request_error"
 NOT_FOUND = "not_found_error"
 SERVICE_UNAVAILABLE = "service_unavailable_error"
 SERVER_ERROR = "server_error"
+AUTHENTICATION = "authentication_error"
+PERMISSION = "permission_error"
+RATE_LIMIT = "rate_limit_error"
 
-_TYPE_BY_STATUS = {404: NOT_FOUND, 503: SERVICE_UNAVAILABLE, 500: SERVER_ERROR}
+_TYPE_BY_STATUS = {
+    401: AUTHENTICATION,
+    403: PERMISSION,
+    404: NOT_FOUND,
+    429: RATE_LIMIT,
+    503: SERVICE_UNAVAILABLE,
+    500: SERVER_ERROR,
+}
 
 # A worker's "error" event names a code; this is the HTTP status a non-streaming client sees for it.
 # Unknown codes are the server's fault (500), never the client's.
@@ -28,6 +39,8 @@ _STATUS_BY_WORKER_CODE = {
     "worker_lost": 503,
     "no_worker": 503,
     "shutting_down": 503,
+    "queue_timeout": 503,
+    "redis_unavailable": 503,
 }
 
 
@@ -47,6 +60,7 @@ class ApiError(Exception):
         code: str | None = None,
         type_: str | None = None,
         headers: dict[str, str] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -54,7 +68,9 @@ class ApiError(Exception):
         self.param = param
         self.code = code or ("invalid_request" if status < 500 else "server_error")
         self.type = type_ or _TYPE_BY_STATUS.get(status, INVALID_REQUEST if status < 500 else SERVER_ERROR)
-        self.headers = headers or {}
+        self.headers = dict(headers or {})
+        if retry_after is not None:  # whole seconds, at least 1: "retry now" would only make things worse
+            self.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
 
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -81,8 +97,25 @@ def no_worker(model: str) -> ApiError:
     )
 
 
-def redis_unavailable(detail: str) -> ApiError:
-    return ApiError(503, f"The request queue (Redis) is unavailable: {detail}", code="redis_unavailable")
+def redis_unavailable(detail: str, retry_after: float = 2) -> ApiError:
+    return ApiError(
+        503, f"The request queue (Redis) is unavailable: {detail}", code="redis_unavailable", retry_after=retry_after
+    )
+
+
+def too_many(message: str, code: str, retry_after: float) -> ApiError:
+    """429 with Retry-After: a rate limit, a quota or a full queue; ``code`` says which."""
+    return ApiError(429, message, code=code, retry_after=retry_after)
+
+
+def queue_timeout(withdrawn: bool) -> ApiError:
+    """503: the request did not start within its queue timeout (``withdrawn``: it was still queued and never ran)."""
+    how = "it was removed from the queue and never ran" if withdrawn else "its worker was told to drop it"
+    return ApiError(
+        503,
+        f"The request did not start within its queue timeout; {how}. Retry later, or allow a longer 'queue_timeout'.",
+        code="queue_timeout",
+    )
 
 
 def from_worker_event(event: dict[str, Any]) -> ApiError:

@@ -1,4 +1,8 @@
-"""The REST routes: generation (JSON or SSE), models, tokenize/detokenize, health, readiness, workers, metrics."""
+"""The REST routes: generation (JSON or SSE), models, tokenize/detokenize, usage, health, readiness, workers, metrics.
+
+(Resuming a stream is gateway/resume.py; the websocket is gateway/websocket.py; the OpenAPI document is
+gateway/openapi.py.)
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.admission import admit
-from gateway.auth import ADMIN, INFERENCE, require_scope
+from gateway.auth import ADMIN, USER, principal_of, require_scope
 from gateway.generation import complete, stream
 from gateway.openai_api import CHAT, COMPLETIONS, decode_json_object, parse_generation, parse_messages, parse_token_ids
 from gateway.registry import WorkerInfo, context_length
@@ -47,10 +51,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
     received = time.monotonic()
-    require_scope(request, INFERENCE)
+    require_scope(request, USER)
     state = state_of(request)
     parsed = parse_generation(endpoint, await read_json(request), state.settings)
-    admitted = await admit(parsed, state, received)
+    admitted = await admit(parsed, state, received, principal_of(request))
     if parsed.stream:
         return await stream(admitted, state, request)
     return await complete(admitted, state, request)
@@ -58,7 +62,7 @@ async def _generate(request: web.Request, endpoint: str) -> web.StreamResponse:
 
 # -- models and tokens ---------------------------------------------------------------------------------------------
 async def list_models(request: web.Request) -> web.Response:
-    require_scope(request, INFERENCE)
+    require_scope(request, USER)
     served = await state_of(request).registry.models()
     data = [
         {
@@ -76,7 +80,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     """``{model, prompt}`` (plain text) or ``{model, messages}`` (through the chat template) -> token ids."""
-    require_scope(request, INFERENCE)
+    require_scope(request, USER)
     state = state_of(request)
     body = await read_json(request)
     model = _model_with_files(body, state)
@@ -103,7 +107,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    require_scope(request, INFERENCE)
+    require_scope(request, USER)
     state = state_of(request)
     body = await read_json(request)
     model = _model_with_files(body, state)
@@ -164,4 +168,29 @@ async def list_workers(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return state_of(request).metrics.response()
+    state = state_of(request)
+    if state.config.metrics_auth != "none":
+        require_scope(request, state.config.metrics_auth)
+    return state.metrics.response()
+
+
+async def usage(request: web.Request) -> web.Response:
+    """The caller's key: its limits and its counters (requests, tokens; today's includes running requests' holds)."""
+    require_scope(request, USER)
+    state = state_of(request)
+    key = principal_of(request)
+    if key is None:
+        raise errors.ApiError(
+            404, "Usage is counted per API key, and this gateway runs without keys.", code="no_api_keys"
+        )
+    counters = await state.limits.usage(key)
+    return web.json_response(
+        {
+            "object": "usage",
+            "key_id": key.key_id,
+            "name": key.name,
+            "scope": key.scope,
+            "limits": {"requests_per_minute": state.limits.rpm_of(key), "tokens_per_day": state.limits.quota_of(key)},
+            **counters,
+        }
+    )

@@ -1,4 +1,5 @@
-"""Two middlewares: every response is counted, and every failure leaves as an OpenAI-style JSON error body."""
+"""Two middlewares: every response is counted, and every failure leaves as an OpenAI-style JSON error body
+(with ``Retry-After`` when Redis is unreachable). Authentication is gateway/auth.py's middleware, inside these."""
 
 from __future__ import annotations
 
@@ -46,7 +47,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _reject(request, error)
     except (RedisError, ConnectionRefusedError) as exc:
         log.warning("redis unavailable for %s %s: %s", request.method, request.path, exc)
-        return _reject(request, errors.redis_unavailable(str(exc) or type(exc).__name__))
+        retry_after = state_of(request).config.retry_after_seconds
+        return _reject(request, errors.redis_unavailable(str(exc) or type(exc).__name__, retry_after))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _reject(

@@ -39,6 +39,8 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     add_special_tokens: bool = True  # completions text prompts (vLLM's extra); chat templates add their own
+    queue_timeout: float | None = None  # seconds the request may wait to start (our extra); None: the default
+    deadline: float | None = None  # unix time by which it must have started (our extra)
 
 
 def decode_json_object(raw: bytes) -> dict[str, Any]:
@@ -89,6 +91,8 @@ def parse_completion(body: dict[str, Any], settings: Settings) -> ParsedRequest:
         stream=stream,
         include_usage=include_usage,
         add_special_tokens=f.bool("add_special_tokens", True),
+        queue_timeout=f.optional_number("queue_timeout", lo=0.0, lo_open=True),
+        deadline=f.optional_number("deadline", lo=0.0, lo_open=True),
     )
 
 
@@ -117,6 +121,8 @@ def parse_chat(body: dict[str, Any], settings: Settings) -> ParsedRequest:
         messages=messages,
         stream=stream,
         include_usage=include_usage,
+        queue_timeout=f.optional_number("queue_timeout", lo=0.0, lo_open=True),
+        deadline=f.optional_number("deadline", lo=0.0, lo_open=True),
     )
 
 
@@ -159,7 +165,7 @@ def parse_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(msg, dict):
             raise invalid(f"'{param}' must be an object, got {_json_type(msg)}.", param)
         role = msg.get("role")
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a dict role is unhashable: check the type first
             raise invalid(f"'{param}.role' must be one of {sorted(CHAT_ROLES)}, got {role!r}.", f"{param}.role")
         clean: dict[str, Any] = {"role": role, "content": _message_text(msg.get("content"), role, f"{param}.content")}
         for key in ("name", "tool_calls", "tool_call_id"):
@@ -328,6 +334,11 @@ class _Fields:
             raise self._fail(name, "a number", value)
         _check_range(self, name, value, lo, hi, lo_open=lo_open)
         return float(value)
+
+    def optional_number(
+        self, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+    ) -> float | None:
+        return None if self.body.get(name) is None else self.number(name, 0.0, lo=lo, hi=hi, lo_open=lo_open)
 
     def bool(self, name: str, default: bool) -> bool:
         value = self.body.get(name)

@@ -1,9 +1,10 @@
-"""The gateway's half of the wire: enqueue a request, follow its ``out:{id}`` stream, cancel it when the client goes.
+"""The gateway's half of the wire: enqueue a request, follow its ``out:{id}`` stream, cancel or withdraw it.
 
 Every Redis read blocks for at most ``block_seconds`` so callers wake up regularly to send keep-alives and notice a
-client that went away; ``follow`` yields ``None`` on those idle wake-ups. If every worker of the model disappears
-while a request waits, or the gateway shuts down, ``follow`` cancels the request and ends it with an error event of
-its own (``worker_lost``, ``shutting_down``) instead of waiting forever.
+client that went away; ``follow`` yields ``None`` on those idle wake-ups. ``follow`` ends a request with an error
+event of its own (no entry id) instead of waiting forever when every worker of the model disappears
+(``worker_lost``, after cancelling it), when it has not started by its queue deadline (``queue_timeout``, after
+withdrawing it), or when the gateway shuts down (``shutting_down``; the owner decides whether to cancel or detach).
 """
 
 from __future__ import annotations
@@ -16,14 +17,58 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
+from gateway import errors, redis_keys
 from gateway.registry import WorkerRegistry
+from gateway.stream_meta import RequestMeta
 from shared import names, wire
 
 log = logging.getLogger("gateway.relay")
 
 READ_BATCH = 256  # entries per XREAD: a burst of deltas costs one round trip
+META_SLACK_SECONDS = 3600  # meta outlives the queue wait by this much while the request runs (refreshed at the end)
+
+# KEYS: requests stream, meta hash. ARGV: maxlen, payload field, payload, meta ttl, then meta field/value pairs.
+# The XADD and the meta (with the new entry id) land together, so a resuming gateway never sees one without the other.
+_ENQUEUE = """
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[3])
+if #ARGV > 4 then
+  redis.call('HSET', KEYS[2], 'entry_id', id, unpack(ARGV, 5))
+  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+end
+return id
+"""
+
+# KEYS: requests stream, cancel key, output stream. ARGV: entry id, group, cancel ttl.
+# Deletes the entry if no worker has been handed it yet (then it can never run); sets the cancel key either way.
+# Returns 1 when the entry was withdrawn before delivery, 0 when a worker already holds it, 2 when it has in fact
+# started (its output exists: a busy gateway had not read it yet), and then does nothing.
+_WITHDRAW = """
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local delivered = false
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if ok then
+  for _, g in ipairs(groups) do
+    local name, last
+    for i = 1, #g, 2 do
+      if g[i] == 'name' then name = g[i + 1] elseif g[i] == 'last-delivered-id' then last = g[i + 1] end
+    end
+    if name == ARGV[2] and last then
+      local ems, eseq = parse(ARGV[1])
+      local lms, lseq = parse(last)
+      delivered = ems < lms or (ems == lms and eseq <= lseq)
+    end
+  end
+end
+redis.call('SET', KEYS[2], '1', 'EX', tonumber(ARGV[3]))
+if delivered then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 @dataclass(frozen=True)
@@ -56,44 +101,81 @@ class Relay:
         self.stream_maxlen = stream_maxlen
         self.cancel_ttl = cancel_ttl
         self.block_ms = max(1, int(block_seconds * 1000))  # 0 would mean "block forever"
+        self._enqueue = redis.register_script(_ENQUEUE)
+        self._withdraw = redis.register_script(_WITHDRAW)
 
-    async def enqueue(self, request: wire.GenerationRequest) -> str:
-        """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length)."""
-        entry_id = await self.redis.xadd(
-            names.requests_stream(request.model),
-            {names.PAYLOAD_FIELD: wire.pack(request.to_dict())},
-            maxlen=self.stream_maxlen,
-            approximate=True,
+    async def enqueue(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> str:
+        """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length), together with
+        its meta; returns the entry id. ``queue_deadline`` rides along in the payload for workers that check it."""
+        body = request.to_dict()
+        meta_args: list[str] = []
+        ttl = META_SLACK_SECONDS
+        if meta is not None:
+            if meta.queue_deadline:
+                body["queue_deadline"] = meta.queue_deadline  # proposed wire field: workers drop it when late
+                ttl += max(0, int(meta.queue_deadline - time.time()))
+            meta_args = [part for item in meta.to_hash().items() for part in item]
+        entry_id = await self._enqueue(
+            keys=[names.requests_stream(request.model), redis_keys.request_meta(request.id)],
+            args=[self.stream_maxlen, names.PAYLOAD_FIELD, wire.pack(body), ttl, *meta_args],
         )
-        return entry_id.decode()
+        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+
+    async def withdraw(self, model: str, request_id: str, entry_id: str) -> bool | None:
+        """Make sure a late request never runs: delete its queue entry if undelivered (True), else cancel it (False).
+        None: it has started after all, and was left alone."""
+        keys = [names.requests_stream(model), names.cancel_key(request_id), names.output_stream(request_id)]
+        result = await self._withdraw(keys=keys, args=[entry_id or "0-0", names.WORKER_GROUP, self.cancel_ttl])
+        return None if result == 2 else result == 1
 
     async def cancel(self, request_id: str) -> None:
         """Tell the worker to stop: ``cancel:{id}`` outlives any queue wait, so a queued request is skipped too."""
         await self.redis.set(names.cancel_key(request_id), b"1", ex=self.cancel_ttl)
 
-    async def read(self, request_id: str, after: str) -> list[OutputEvent]:
+    async def read(self, request_id: str, after: str, block_ms: int | None = None) -> list[OutputEvent]:
         """Events after entry ``after``, blocking up to ``block_seconds``; [] when none arrived."""
-        resp = await self.redis.xread({names.output_stream(request_id): after}, count=READ_BATCH, block=self.block_ms)
+        block = self.block_ms if block_ms is None else max(1, block_ms)
+        resp = await self.redis.xread({names.output_stream(request_id): after}, count=READ_BATCH, block=block)
         out = []
         for _stream, entries in resp or []:
             for entry_id, fields in entries:
                 out.append(OutputEvent(entry_id.decode(), _decode_event(request_id, entry_id, fields)))
         return out
 
-    async def follow(self, request_id: str, model: str, after: str = "0-0") -> AsyncIterator[OutputEvent | None]:
-        """Yield the request's events up to and including the terminal one; ``None`` after each idle block."""
+    async def follow(
+        self, request_id: str, model: str, after: str = "0-0", *, queue_deadline: float = 0.0, entry_id: str = ""
+    ) -> AsyncIterator[OutputEvent | None]:
+        """Yield the request's events after ``after`` up to and including the terminal one; ``None`` after each idle
+        block. Until the first event arrives, a ``queue_deadline`` (unix time, 0: none) is enforced."""
+        started = after != "0-0"
         last_liveness_check = time.monotonic()
         while True:
             if self.stopping.is_set():
-                await self.cancel(request_id)
-                yield _gateway_error(request_id, "shutting_down", "the gateway is shutting down; retry the request")
+                yield _gateway_error(
+                    request_id,
+                    "shutting_down",
+                    f"the gateway is shutting down; resume with GET /v1/streams/{request_id} and the Last-Event-ID "
+                    "header, or retry the request",
+                )
                 return
-            events = await self.read(request_id, after)
+            block_ms = self.block_ms
+            if not started and queue_deadline:
+                remaining = queue_deadline - time.time()
+                if remaining <= 0:
+                    withdrawn = await self.withdraw(model, request_id, entry_id)
+                    if withdrawn is not None:
+                        yield _gateway_error(request_id, "queue_timeout", errors.queue_timeout(withdrawn).message)
+                        return
+                    started = True  # its events are waiting to be read: relay them
+                    continue
+                block_ms = min(block_ms, int(remaining * 1000) + 1)
+            events = await self.read(request_id, after, block_ms)
             for ev in events:
                 yield ev
                 if ev.terminal:
                     return
             if events:
+                started = True
                 after = events[-1].entry_id or after
                 continue
             now = time.monotonic()
@@ -104,29 +186,6 @@ class Relay:
                     yield _gateway_error(request_id, "worker_lost", f"every worker of model '{model}' went away")
                     return
             yield None
-
-
-class CancelGuard:
-    """``async with CancelGuard(relay, id) as guard``: unless ``guard.finished`` is set, cancel on the way out.
-
-    Covers every way a relay loop ends early: client disconnect, handler cancellation, gateway shutdown, a bug.
-    """
-
-    def __init__(self, relay: Relay, request_id: str) -> None:
-        self.relay = relay
-        self.request_id = request_id
-        self.finished = False
-
-    async def __aenter__(self) -> CancelGuard:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self.finished:
-            return
-        try:
-            await self.relay.cancel(self.request_id)
-        except (RedisError, OSError) as exc:
-            log.warning("could not cancel %s: %s", self.request_id, exc)
 
 
 def _gateway_error(request_id: str, code: str, message: str) -> OutputEvent:

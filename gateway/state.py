@@ -8,8 +8,13 @@ from dataclasses import dataclass, field
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.api_keys import KeyStore
+from gateway.config import GatewayConfig
+from gateway.detach import DetachedStreams
+from gateway.key_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
 from gateway.model_files import ModelFiles
+from gateway.queue_budget import QueueBudget
 from gateway.registry import WorkerRegistry
 from gateway.relay import Relay
 from shared.settings import Settings
@@ -18,11 +23,16 @@ from shared.settings import Settings
 @dataclass
 class GatewayState:
     settings: Settings
+    config: GatewayConfig  # gateway-only settings (to be merged into Settings)
     redis: aioredis.Redis  # the app's one connection pool
     registry: WorkerRegistry
     model_files: ModelFiles
     relay: Relay
     metrics: GatewayMetrics
+    keys: KeyStore
+    limits: KeyLimits
+    queue: QueueBudget
+    detached: DetachedStreams
     # open websockets, so shutdown can close them (each then cancels the requests still running on it)
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
 

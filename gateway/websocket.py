@@ -4,6 +4,9 @@ Protocol (docs/websocket.md): the client sends ``{"id", "type": "completions" | 
 ``{"type": "cancel", "id"}``; the server answers each id with ``delta`` frames and exactly one ``final`` frame, or
 one ``error`` frame. Each request runs in its own task; frames are written under one lock so they never interleave
 mid-frame. Closing the socket cancels every request still running on it (``cancel:{id}`` for the workers).
+
+Limits: a frame over ``ws_max_frame_bytes`` closes the socket (1009); more than ``ws_max_messages`` frames from the
+client close it (1008); a socket with no frame and no running request for ``ws_idle_seconds`` is closed (1000).
 """
 
 from __future__ import annotations
@@ -14,14 +17,16 @@ import logging
 import time
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from redis.exceptions import RedisError
 
 from gateway import errors
 from gateway.admission import Admitted, admit
+from gateway.api_keys import ApiKey
+from gateway.auth import USER, principal_of, require_scope
 from gateway.generation import FirstTokenTimer, response_builder
+from gateway.inflight import InFlight
 from gateway.openai_api import ENDPOINTS, parse_generation
-from gateway.relay import CancelGuard
 from gateway.responses import ResponseBuilder
 from gateway.state import GatewayState, state_of
 from shared import wire
@@ -33,22 +38,21 @@ MAX_CLIENT_ID_CHARS = 256
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    require_scope(request, USER)  # before the upgrade: a refused client gets a plain 401/403 JSON response
     state = state_of(request)
     ws = web.WebSocketResponse(
         max_msg_size=state.settings.ws_max_frame_bytes, heartbeat=state.settings.keepalive_seconds
     )
+    if not ws.can_prepare(request).ok:
+        raise errors.invalid(
+            "GET /v1/ws is a websocket endpoint: connect with a websocket client (Upgrade: websocket).",
+            code="websocket_upgrade_required",
+        )
     await ws.prepare(request)
     state.websockets.add(ws)
-    session = WebSocketSession(ws, state)
+    session = WebSocketSession(ws, state, principal_of(request))
     try:
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                await session.on_frame(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await session.send_error(None, errors.invalid("Binary frames are not accepted; send JSON text."))
-            elif msg.type == WSMsgType.ERROR:  # e.g. a frame over ws_max_frame_bytes: aiohttp closes with 1009
-                log.info("websocket closed on error: %s", ws.exception())
-                break
+        await session.read_frames()
     finally:
         state.websockets.discard(ws)
         await session.cancel_all()
@@ -56,14 +60,56 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 class WebSocketSession:
-    def __init__(self, ws: web.WebSocketResponse, state: GatewayState) -> None:
+    def __init__(self, ws: web.WebSocketResponse, state: GatewayState, key: ApiKey | None = None) -> None:
         self.ws = ws
         self.state = state
+        self.key = key
+        self.frames_received = 0
         self.tasks: dict[str, asyncio.Task] = {}
         self.builders: dict[str, tuple[Admitted, ResponseBuilder]] = {}
         self._send_lock = asyncio.Lock()
 
     # -- incoming --------------------------------------------------------------------------------------------------
+    async def read_frames(self) -> None:
+        """Until the socket closes, goes idle too long, or the client sends more frames than allowed."""
+        config = self.state.config
+        last_active = time.monotonic()
+        while not self.ws.closed:
+            # our own clock: aiohttp's receive timeout restarts on every heartbeat pong, so it never fires
+            remaining = config.ws_idle_seconds - (time.monotonic() - last_active)
+            if remaining <= 0:
+                if self.tasks:  # quiet, but requests are running: not idle
+                    last_active = time.monotonic()
+                    continue
+                await self.ws.close(code=WSCloseCode.OK, message=b"idle timeout")
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    msg = await self.ws.receive()
+            except TimeoutError:
+                continue
+            last_active = time.monotonic()
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+                return
+            if msg.type == WSMsgType.ERROR:  # e.g. a frame over ws_max_frame_bytes: aiohttp closes with 1009
+                log.info("websocket closed on error: %s", self.ws.exception())
+                return
+            self.frames_received += 1
+            if self.frames_received > config.ws_max_messages:
+                await self.send_error(
+                    None,
+                    errors.invalid(
+                        f"This socket has sent {config.ws_max_messages} frames, the limit per socket; reconnect.",
+                        code="too_many_messages",
+                    ),
+                )
+                await self.ws.close(code=WSCloseCode.POLICY_VIOLATION, message=b"too many messages")
+                return
+            if msg.type == WSMsgType.TEXT:
+                await self.on_frame(msg.data)
+            elif msg.type == WSMsgType.BINARY:
+                await self.send_error(None, errors.invalid("Binary frames are not accepted; send JSON text."))
+
     async def on_frame(self, data: str) -> None:
         received = time.monotonic()
         try:
@@ -118,7 +164,7 @@ class WebSocketSession:
                 client_id, errors.invalid(f"No running request has id {client_id!r}.", "id", code="unknown_id")
             )
             return
-        task.cancel()  # its CancelGuard sets cancel:{request_id} for the worker
+        task.cancel()  # its InFlight sets cancel:{request_id} for the worker
         await asyncio.gather(task, return_exceptions=True)
         admitted_builder = self.builders.pop(client_id, None)
         if admitted_builder is not None:
@@ -141,14 +187,14 @@ class WebSocketSession:
             # a websocket always streams and always reports usage: the REST streaming switches do not apply
             body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
             parsed = parse_generation(endpoint, body, self.state.settings)
-            admitted = await admit(parsed, self.state, received)
+            admitted = await admit(parsed, self.state, received, self.key)
             with self.state.metrics.open_streams.labels("websocket").track_inprogress():
                 await self._relay(client_id, admitted)
         except errors.ApiError as exc:
             self.state.metrics.rejected.labels(exc.code).inc()
             await self.send_error(client_id, exc)
         except RedisError as exc:
-            error = errors.redis_unavailable(str(exc))
+            error = errors.redis_unavailable(str(exc), self.state.config.retry_after_seconds)
             self.state.metrics.rejected.labels(error.code).inc()
             await self.send_error(client_id, error)
         except Exception:
@@ -158,18 +204,15 @@ class WebSocketSession:
             self.tasks.pop(client_id, None)
 
     async def _relay(self, client_id: str, admitted: Admitted) -> None:
-        relay = self.state.relay
         builder = response_builder(admitted)
         self.builders[client_id] = (admitted, builder)
-        first_token = FirstTokenTimer(admitted, self.state)
-        async with CancelGuard(relay, admitted.id) as guard:
-            await relay.enqueue(admitted.request)
-            async for ev in relay.follow(admitted.id, admitted.parsed.model):
+        first_token = FirstTokenTimer(admitted.parsed.model, admitted.received, self.state)
+        async with InFlight(self.state, admitted.meta, request=admitted.request) as flight:
+            async for ev in flight.events():
                 if ev is None:
                     if self.ws.closed:
                         return
                     continue
-                guard.finished = ev.terminal and ev.entry_id is not None
                 if ev.type == wire.EVENT_DELTA:
                     choice, text, logprobs, offset = builder.apply_delta(ev.event)
                     first_token.on_delta()
@@ -210,7 +253,10 @@ class WebSocketSession:
         return frame
 
     async def send_error(self, client_id: str | None, error: errors.ApiError) -> None:
-        await self.send({"id": client_id, "type": "error", "status": error.status, **error.body()})
+        frame = {"id": client_id, "type": "error", "status": error.status, **error.body()}
+        if "Retry-After" in error.headers:  # what the REST response would say in its header
+            frame["retry_after"] = int(error.headers["Retry-After"])
+        await self.send(frame)
 
     async def send(self, frame: dict[str, Any]) -> None:
         if self.ws.closed:

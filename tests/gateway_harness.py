@@ -16,8 +16,11 @@ from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from gateway.app import start
+from gateway.config import GatewayConfig, load_gateway_config
 from shared import names, wire
 from shared.redis_server import free_port
 from shared.redis_streams import ensure_group, entry, payload
@@ -55,12 +58,20 @@ def gateway_settings(redis_url: str, models_dir: Path, **overrides: Any) -> Sett
     return load_settings(env={}, **values)
 
 
+def gateway_config(**overrides: Any) -> GatewayConfig:
+    """Gateway-only settings for a test: the defaults (not this process's environment), then ``overrides``."""
+    return load_gateway_config(env={}, **overrides)
+
+
 @asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[aiohttp.ClientSession]:
-    """The gateway as production runs it (``gateway.app.start``) on a free port, and a real HTTP client for it."""
+async def running_gateway(
+    settings: Settings, config: GatewayConfig | None = None, headers: dict[str, str] | None = None
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """The gateway as production runs it (``gateway.app.start``) on a free port, and a real HTTP client for it
+    (sending ``headers`` with every request, e.g. an Authorization header)."""
     settings = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
-    runner = await start(settings)
-    session = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}")
+    runner = await start(settings, config or gateway_config())
+    session = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}", headers=headers)
     try:
         yield session
     finally:
@@ -194,3 +205,158 @@ async def wait_for_key(r: aioredis.Redis, key: str, timeout: float = 5.0) -> boo
             return True
         await asyncio.sleep(0.05)
     return False
+
+
+class StandInWorker:
+    """A worker that speaks the real wire and computes nothing: it heartbeats, pulls requests only while it has a
+    free slot (like inference_worker/service.py), answers each with up to ``tokens`` deltas ``token_seconds`` apart,
+    honours ``cancel:{id}``, writes finish + done, expires ``out:{id}`` and acks. It rides out a Redis outage and
+    re-creates its heartbeat and consumer group when Redis comes back empty. For gateway tests and
+    bench/load_gateway.py: the gateway cannot tell it from a real worker, only it is fast and deterministic."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        model: str,
+        *,
+        capacity: int = 8,
+        tokens: int = 3,
+        token_seconds: float = 0.0,
+        max_model_len: int = 4096,
+        output_ttl: int = 60,
+        heartbeat_seconds: float = 0.5,
+    ) -> None:
+        self.redis_url = redis_url
+        self.model = model
+        self.capacity = capacity
+        self.tokens = tokens
+        self.token_seconds = token_seconds
+        self.max_model_len = max_model_len
+        self.output_ttl = output_ttl
+        self.heartbeat_seconds = heartbeat_seconds
+        self.worker_id = f"stand-in-{uuid.uuid4().hex[:8]}"
+        self.stream = names.requests_stream(model)
+        self.served: list[str] = []  # request ids, in the order they were started
+        self._active: set[asyncio.Task] = set()
+        self._tasks: list[asyncio.Task] = []
+        self._r: aioredis.Redis | None = None
+
+    async def __aenter__(self) -> StandInWorker:
+        # like the gateway: a pooled connection that died with a restarted Redis is retried on a fresh one
+        retry = Retry(ExponentialBackoff(cap=0.2, base=0.05), 3)
+        self._r = aioredis.from_url(
+            self.redis_url, socket_connect_timeout=1.0, retry=retry, max_connections=self.capacity + 16
+        )
+        await self._heartbeat_once()
+        await ensure_group(self._r, self.stream, names.WORKER_GROUP)
+        self._tasks = [asyncio.create_task(self._heartbeat()), asyncio.create_task(self._intake())]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in [*self._tasks, *self._active]:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._active, return_exceptions=True)
+        assert self._r is not None
+        try:
+            await self._r.delete(names.worker_key(self.worker_id))
+        except (aioredis.RedisError, OSError):
+            pass
+        await self._r.aclose()
+
+    async def _heartbeat_once(self) -> None:
+        assert self._r is not None
+        now = time.time()
+        key = names.worker_key(self.worker_id)
+        fields = {
+            "worker_id": self.worker_id,
+            "model": self.model,
+            "device": "cpu",
+            "pid": 0,
+            "capacity": self.capacity,
+            "active": len(self._active),
+            "max_model_len": self.max_model_len,
+            "metrics_port": 0,
+            "started": now,
+            "heartbeat": now,
+        }
+        await self._r.hset(key, mapping=fields)
+        await self._r.expire(key, max(3, int(self.heartbeat_seconds * 6)))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_seconds)
+            try:
+                await self._heartbeat_once()
+            except (aioredis.RedisError, OSError):
+                pass  # Redis is away; the next beat tries again
+
+    async def _intake(self) -> None:
+        assert self._r is not None
+        while True:
+            free = self.capacity - len(self._active)
+            if free <= 0:
+                await asyncio.sleep(0.005)
+                continue
+            try:
+                resp = await self._r.xreadgroup(
+                    names.WORKER_GROUP, self.worker_id, {self.stream: ">"}, count=free, block=200
+                )
+            except aioredis.ResponseError as exc:  # NOGROUP: Redis came back empty
+                if "NOGROUP" not in str(exc):
+                    raise
+                await ensure_group(self._r, self.stream, names.WORKER_GROUP)
+                continue
+            except (aioredis.RedisError, OSError):
+                await asyncio.sleep(0.2)
+                continue
+            for _stream, entries in resp or []:
+                for entry_id, fields in entries:
+                    request = wire.GenerationRequest.from_dict(payload(fields))
+                    task = asyncio.create_task(self._serve(entry_id, request))
+                    self._active.add(task)
+                    task.add_done_callback(self._active.discard)
+
+    async def _serve(self, entry_id: bytes, request: wire.GenerationRequest) -> None:
+        assert self._r is not None
+        self.served.append(request.id)
+        out = names.output_stream(request.id)
+        n_tokens = min(self.tokens, request.params.max_tokens)
+        try:
+            produced, reason = 0, "length"
+            for i in range(n_tokens):
+                if await self._r.exists(names.cancel_key(request.id)):
+                    reason = "abort"
+                    break
+                for index in range(request.params.n):
+                    await self._r.xadd(out, entry(delta(f" t{i}", index=index, token_id=100 + i)))
+                produced += 1
+                if self.token_seconds:
+                    await asyncio.sleep(self.token_seconds)
+            pipe = self._r.pipeline(transaction=False)
+            for index in range(request.params.n):
+                pipe.xadd(out, entry(finish(index, reason, produced)))
+            pipe.xadd(out, entry(done(len(request.prompt_ids), produced * request.params.n)))
+            pipe.expire(out, self.output_ttl)
+            pipe.xack(self.stream, names.WORKER_GROUP, entry_id)
+            pipe.delete(names.cancel_key(request.id))
+            await pipe.execute()
+        except (aioredis.RedisError, OSError):
+            pass  # Redis went away mid-request: like a real worker, the entry stays pending
+
+
+async def read_data_events(resp: aiohttp.ClientResponse, count: int, timeout: float = 5.0) -> list[SseEvent]:
+    """Read an open SSE response until ``count`` data events arrived (keep-alive comments are skipped)."""
+    events: list[SseEvent] = []
+    block: list[str] = []
+    async with asyncio.timeout(timeout):
+        while len(events) < count:
+            line = await resp.content.readline()
+            if not line:
+                raise AssertionError(f"the stream ended after {len(events)} of {count} data events")
+            text = line.decode().rstrip("\n")
+            if text:
+                block.append(text)
+                continue
+            events.extend(e for e in parse_sse("\n".join(block)) if e.data is not None)
+            block = []
+    return events

@@ -12,6 +12,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway import redis_keys
 from gateway.admission import fit_max_tokens
 from gateway.app import start
 from gateway.openai_api import parse_completion
@@ -27,6 +28,7 @@ from tests.gateway_harness import (
     done,
     finish,
     fresh_redis,
+    gateway_config,
     gateway_settings,
     make_model_dir,
     parse_sse,
@@ -37,6 +39,7 @@ from tests.gateway_harness import (
 MODEL = "wire-model"
 CONTEXT = 128
 PROMPT = [5, 6, 7]
+RESUME_GRACE = 0.5  # a dropped stream keeps running this long, waiting for a resume (gateway/detach.py)
 
 
 @pytest.fixture
@@ -54,7 +57,8 @@ async def peer(redis) -> WorkerPeer:
 @pytest.fixture
 async def client(redis_url: str, tmp_path: Path, peer: WorkerPeer):
     make_model_dir(tmp_path, MODEL)
-    async with running_gateway(gateway_settings(redis_url, tmp_path, keepalive_seconds=0.2)) as c:
+    settings = gateway_settings(redis_url, tmp_path, keepalive_seconds=0.2)
+    async with running_gateway(settings, gateway_config(resume_grace_seconds=RESUME_GRACE)) as c:
         yield c
 
 
@@ -180,14 +184,18 @@ async def test_keepalive_comments_flow_while_the_worker_is_silent(client, peer: 
     assert len(keepalives) >= 2
 
 
-async def test_client_leaving_a_stream_sets_the_cancel_key(client, peer: WorkerPeer, redis) -> None:
+async def test_client_leaving_a_stream_sets_the_cancel_key_after_the_resume_grace(
+    client, peer: WorkerPeer, redis
+) -> None:
     resp = await client.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True})
     req = await peer.next_request()
     await peer.emit(req.id, delta("first"))
     line = await resp.content.readline()
     assert line.startswith(b"id: ")
+    left = time.monotonic()
     resp.close()  # drop the connection mid-stream
     assert await wait_for_key(redis, names.cancel_key(req.id), timeout=5)
+    assert time.monotonic() - left >= RESUME_GRACE - 0.1  # it waited for a resume first
     assert await redis.ttl(names.cancel_key(req.id)) > 0
 
 
@@ -280,12 +288,12 @@ async def test_requests_stream_is_trimmed_to_about_its_configured_length(redis) 
     assert 10 <= length < 500  # MAXLEN ~ trims whole macro-nodes: about 10, never unbounded
 
 
-async def test_shutdown_ends_open_streams_promptly_and_cancels_their_requests(
+async def test_shutdown_ends_open_streams_promptly_and_leaves_them_resumable(
     redis_url: str, tmp_path: Path, redis, peer: WorkerPeer
 ) -> None:
     make_model_dir(tmp_path, MODEL)
     settings = dataclasses.replace(gateway_settings(redis_url, tmp_path), host="127.0.0.1", port=free_port())
-    runner = await start(settings)
+    runner = await start(settings, gateway_config(resume_grace_seconds=30))
     async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}") as session:
         resp = await session.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True})
         req = await peer.next_request()
@@ -295,6 +303,9 @@ async def test_shutdown_ends_open_streams_promptly_and_cancels_their_requests(
         await runner.cleanup()
         assert time.monotonic() - began < 4.0  # not the aiohttp grace period spent waiting on our stream
         events = [e for e in parse_sse((await resp.content.read()).decode()) if e.data is not None]
-    assert events[-2].json()["error"]["code"] == "shutting_down"
+    error = events[-2].json()["error"]
+    assert error["code"] == "shutting_down" and f"/v1/streams/{req.id}" in error["message"]
     assert events[-1].data == "[DONE]"
-    assert await redis.exists(names.cancel_key(req.id))
+    # not cancelled: detached, so a client can resume it on another gateway within the grace period
+    assert not await redis.exists(names.cancel_key(req.id))
+    assert await redis.zscore(redis_keys.DETACHED, req.id) is not None
