@@ -110,6 +110,8 @@ class Progress:
     elapsed: float
     eta: float | None
     message: str
+    # for a finished block: its index, seconds, and per-linear bits and proxy error (what GET /v1/conversions shows)
+    figures: dict[str, Any] | None = None
 
 
 @dataclass
@@ -392,6 +394,18 @@ class Converter:
         meta = {"stats": json.dumps(stats), "seconds": f"{seconds:.3f}"}
         _save_tensors(self._block_path(layer), tensors, meta)
 
+    def _block_figures(self, layer: int) -> dict[str, Any]:
+        with safe_open(str(self._block_path(layer)), framework="pt") as f:
+            meta = f.metadata() or {}
+        stats = json.loads(meta.get("stats", "{}"))
+        errors = [s["proxy_error"] for s in stats.values() if s.get("proxy_error") is not None]
+        return {
+            "block": layer,
+            "seconds": float(meta.get("seconds", "0")),
+            "max_proxy_error": max(errors) if errors else None,
+            "tensors": {name.removeprefix(f"model.layers.{layer}."): s for name, s in stats.items()},
+        }
+
     def _quantized_block(self, layer: int) -> CalibrationBlock:
         tensors = load_file(str(self._block_path(layer)))
         c = self.config
@@ -589,7 +603,8 @@ class Converter:
             per_block = (time.monotonic() - run_start) / run_blocks
             eta = per_block * (c.num_hidden_layers - layer)  # the blocks left, and the head at about one block
             message = f"block {layer + 1}/{c.num_hidden_layers}"
-            self.progress(Progress("block", layer + 1, total, self._elapsed(), eta, message))
+            figures = self._block_figures(layer)
+            self.progress(Progress("block", layer + 1, total, self._elapsed(), eta, message, figures))
         if self.stop():
             raise ConversionCancelled("stopped before the output head; resume with -r")
         if not (self.work / HEAD_FILE).is_file():

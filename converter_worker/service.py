@@ -9,6 +9,8 @@ cancel, continues where it stopped. The entry is acknowledged only once the job 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -124,9 +126,13 @@ class ConverterService:
         from converter_worker.convert import ConversionCancelled, ConvertOptions, convert
 
         job_id = str(job["id"])
+        if await self.redis.exists(names.conversion_cancel_key(job_id)):  # cancelled while it waited in the queue
+            await self._end(entry_id, job_id, "cancelled", {"error": "cancelled before it started"})
+            return
         self.current = job_id
         self.stop_flag.clear()
         state: dict[str, Any] = {"state": "running", "worker": self.consumer, "started": time.time(), "error": ""}
+        blocks = await self._block_figures(job_id)  # a resumed job keeps the figures of the blocks done before
         try:
             source = resolve_model_path(self.settings.models_dir, str(job["source"]))
             output = resolve_model_path(self.settings.models_dir, str(job["output"]), must_exist=False)
@@ -156,8 +162,7 @@ class ConverterService:
             return self.stop_flag.is_set()
 
         async def relay_progress() -> None:
-            while True:
-                p = await progress_q.get()
+            while (p := await progress_q.get()) is not None:
                 ratio = p.done / p.total if p.total else 0.0
                 now = time.monotonic()
                 if p.stage == "block" and p.done:
@@ -167,38 +172,62 @@ class ConverterService:
                 self.metrics.last_progress.labels(conversion=job_id).set(time.time())
                 state.update(progress=f"{ratio:.4f}", stage=p.stage, done=p.done, total=p.total,
                              eta=f"{p.eta:.1f}" if p.eta is not None else "", message=p.message)
-                await self._publish(job_id, state, {"type": "progress", **asdict(p)})
+                if p.figures is not None:
+                    blocks[int(p.figures["block"])] = p.figures
+                    state["blocks"] = json.dumps([blocks[b] for b in sorted(blocks)], separators=(",", ":"))
+                try:
+                    await self._publish(job_id, state, {"type": "progress", **asdict(p)})
+                except aioredis.ConnectionError as exc:
+                    log.warning("progress of %s not published: %s", job_id, exc)
 
         async def watch_cancel() -> None:
-            while True:
-                await asyncio.sleep(0.5)
-                if await self.redis.exists(names.conversion_cancel_key(job_id)):
-                    self.stop_flag.set()
-                    return
+            while not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), 0.5)
+                try:
+                    if not finished.is_set() and await self.redis.exists(names.conversion_cancel_key(job_id)):
+                        self.stop_flag.set()
+                        return
+                except aioredis.ConnectionError as exc:
+                    log.warning("cancel check failed: %s", exc)
 
+        # The helpers are never cancelled mid-command (a Redis call cut off halfway can leave its connection
+        # unusable): they end on their own once the conversion returns, after relaying every queued report.
+        finished = asyncio.Event()
         helpers = [asyncio.create_task(relay_progress()), asyncio.create_task(watch_cancel())]
+        outcome, error, result = "done", "", None
         try:
             result = await asyncio.to_thread(convert, opts, resume, on_progress, should_stop)
         except ConversionCancelled:
-            await asyncio.sleep(0)  # let queued progress out first
+            outcome = "cancelled"
+        except Exception as exc:  # noqa: BLE001 - any failure ends the job with its message, never the worker
+            log.exception("conversion %s failed", job_id)
+            outcome, error = "failed", f"{type(exc).__name__}: {exc}"
+        finally:
+            finished.set()
+            progress_q.put_nowait(None)  # behind every report the thread queued before it returned
+            await asyncio.gather(*helpers, return_exceptions=True)
+            self.current = None
+        if outcome == "cancelled":
             if self.stopping.is_set() and not await self.redis.exists(names.conversion_cancel_key(job_id)):
                 # worker shutdown, not a user cancel: leave the entry pending for a restart or another converter
                 await self._publish(job_id, {**state, "state": "queued"}, {"type": "state", "state": "queued"})
                 return
             await self._end(entry_id, job_id, "cancelled", {"error": "cancelled; the work dir is kept for a resume"})
-            return
-        except Exception as exc:  # noqa: BLE001 - any failure ends the job with its message, never the worker
-            log.exception("conversion %s failed", job_id)
-            await self._end(entry_id, job_id, "failed", {"error": f"{type(exc).__name__}: {exc}"})
-            return
-        finally:
-            for t in helpers:
-                t.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
-            self.current = None
-        await self._end(entry_id, job_id, "done", {"progress": "1", "output": str(job["output"]),
-                                                     "result_bits": f"{result.bits:.2f}",
-                                                     "seconds": f"{result.seconds:.1f}"})
+        elif outcome == "failed":
+            await self._end(entry_id, job_id, "failed", {"error": error})
+        else:
+            assert result is not None
+            await self._end(entry_id, job_id, "done", {"progress": "1", "output": str(job["output"]),
+                                                         "result_bits": f"{result.bits:.2f}",
+                                                         "seconds": f"{result.seconds:.1f}"})
+
+    async def _block_figures(self, job_id: str) -> dict[int, dict[str, Any]]:
+        raw = await self.redis.hget(names.conversion_key(job_id), "blocks")
+        try:
+            return {int(b["block"]): b for b in json.loads(raw)} if raw else {}
+        except (ValueError, KeyError, TypeError):
+            return {}
 
     async def _end(self, entry_id: bytes, job_id: str, final: str, extra: dict[str, Any]) -> None:
         state = {"state": final, "finished": time.time(), **extra}

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from gateway import errors
 from gateway.api_keys import ApiKey
-from gateway.config import GatewayConfig
 from gateway.key_limits import QuotaHold
 from gateway.openai_api import CHAT, ParsedRequest
 from gateway.registry import WorkerInfo, context_length
 from gateway.state import GatewayState
 from gateway.stream_meta import RequestMeta
+from shared.settings import Settings
 from shared.tokenizer import ChatTemplateError
 from shared.wire import GenerationRequest
 
@@ -46,17 +46,16 @@ def new_request_id(endpoint: str) -> str:
 async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key: ApiKey | None) -> Admitted:
     """Resolve the model, build the wire request and reserve its quota and queue place; raises ApiError (429, 400,
     404, 503) when it cannot run. The caller must hand the result to ``InFlight``, which releases what it holds."""
-    config = state.config
     if key is not None:
         await state.limits.count_request(key)
-    check_request_size(parsed, config)
+    check_request_size(parsed, state.settings)
     created = time.time()
-    queue_deadline = queue_deadline_of(parsed, config, created)
+    queue_deadline = queue_deadline_of(parsed, state.settings, created)
     workers = await require_served_model(parsed.model, state)
     prompt_ids = await prompt_token_ids(parsed, state)
-    if config.max_prompt_tokens and len(prompt_ids) > config.max_prompt_tokens:
+    if state.settings.max_prompt_tokens and len(prompt_ids) > state.settings.max_prompt_tokens:
         raise errors.invalid(
-            f"The prompt is {len(prompt_ids)} tokens; this server accepts at most {config.max_prompt_tokens} "
+            f"The prompt is {len(prompt_ids)} tokens; this server accepts at most {state.settings.max_prompt_tokens} "
             "(TRELLIS_MAX_PROMPT_TOKENS).",
             _prompt_param(parsed),
             code="prompt_too_long",
@@ -65,7 +64,12 @@ async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key
     params = parsed.params
     params.max_tokens = fit_max_tokens(parsed, len(prompt_ids), max_model_len, state.settings.max_tokens_limit)
     request = GenerationRequest(
-        id=new_request_id(parsed.endpoint), model=parsed.model, prompt_ids=prompt_ids, params=params, created=created
+        id=new_request_id(parsed.endpoint),
+        model=parsed.model,
+        prompt_ids=prompt_ids,
+        params=params,
+        created=created,
+        deadline=queue_deadline,  # a worker that picks it up later drops it unstarted (error "queue_timeout")
     )
     cost = len(prompt_ids) + params.n * params.max_tokens
     hold = await state.limits.reserve_tokens(key, cost) if key is not None else QuotaHold("", 0)
@@ -92,33 +96,34 @@ async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key
     return Admitted(parsed=parsed, request=request, max_model_len=max_model_len, received=received, meta=meta)
 
 
-def check_request_size(parsed: ParsedRequest, config: GatewayConfig) -> None:
+def check_request_size(parsed: ParsedRequest, settings: Settings) -> None:
     """Limits checked before any tokenizing: the prompt's characters and each stop string's length."""
     if isinstance(parsed.prompt, str):
         chars = len(parsed.prompt)
     else:
         chars = sum(len(m.get("content") or "") for m in parsed.messages or [])
-    if chars > config.max_prompt_chars:
+    if chars > settings.max_prompt_chars:
         param = _prompt_param(parsed)
         raise errors.invalid(
-            f"The {param} holds {chars} characters; the limit is {config.max_prompt_chars} (TRELLIS_MAX_PROMPT_CHARS).",
+            f"The {param} holds {chars} characters; the limit is {settings.max_prompt_chars} "
+            "(TRELLIS_MAX_PROMPT_CHARS).",
             param,
             code="prompt_too_long",
         )
     longest = max((len(s) for s in parsed.params.stop), default=0)
-    if longest > config.max_stop_string_chars:
+    if longest > settings.max_stop_string_chars:
         raise errors.invalid(
-            f"A 'stop' string is {longest} characters; the limit is {config.max_stop_string_chars}.", "stop"
+            f"A 'stop' string is {longest} characters; the limit is {settings.max_stop_string_chars}.", "stop"
         )
 
 
-def queue_deadline_of(parsed: ParsedRequest, config: GatewayConfig, created: float) -> float:
+def queue_deadline_of(parsed: ParsedRequest, settings: Settings, created: float) -> float:
     """The unix time by which the request must have started: ``queue_timeout`` (or the default) after ``created``,
     or the client's ``deadline`` if that comes first."""
-    timeout = config.queue_timeout_seconds if parsed.queue_timeout is None else parsed.queue_timeout
-    if timeout > config.max_queue_timeout_seconds:
+    timeout = settings.queue_timeout_seconds if parsed.queue_timeout is None else parsed.queue_timeout
+    if timeout > settings.max_queue_timeout_seconds:
         raise errors.invalid(
-            f"'queue_timeout' may be at most {config.max_queue_timeout_seconds:g} seconds, got {timeout:g}.",
+            f"'queue_timeout' may be at most {settings.max_queue_timeout_seconds:g} seconds, got {timeout:g}.",
             "queue_timeout",
         )
     deadline = created + timeout

@@ -13,10 +13,9 @@ from aiohttp import WSCloseCode, web
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from gateway import handlers
+from gateway import conversions, handlers
 from gateway.api_keys import KeyStore
 from gateway.auth import auth_middleware
-from gateway.config import GatewayConfig, load_gateway_config
 from gateway.detach import DetachedStreams
 from gateway.key_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -37,9 +36,8 @@ MAX_BLOCK_SECONDS = 1.0  # the longest a relay read blocks: bounds how late a cl
 SHUTDOWN_GRACE_SECONDS = 5.0
 
 
-def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.Application:
-    """The app; ``config`` defaults to the ``TRELLIS_*`` environment. Raises ValueError on a bad key list."""
-    config = load_gateway_config() if config is None else config
+def create_app(settings: Settings) -> web.Application:
+    """The app for ``settings``. Raises ValueError on a bad key list."""
     if not settings.redis_url:
         raise ValueError("settings.redis_url is empty: set TRELLIS_REDIS_URL (trellis up sets it for you)")
     block_seconds = min(MAX_BLOCK_SECONDS, settings.keepalive_seconds)
@@ -47,7 +45,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     # so a burst queues up here instead of turning into 503s; every open stream holds one while it waits (XREAD).
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=config.redis_max_connections,
+        max_connections=settings.redis_max_connections,
         timeout=5.0,
         socket_connect_timeout=2.0,
         socket_timeout=block_seconds + 5.0,  # longer than any blocking XREAD we issue
@@ -64,16 +62,17 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     )
     state = GatewayState(
         settings=settings,
-        config=config,
         redis=redis,
         registry=registry,
         model_files=ModelFiles(settings.models_dir),
         relay=relay,
         metrics=GatewayMetrics(),
-        keys=KeyStore(config.api_keys, config.api_keys_file),
-        limits=KeyLimits(redis, config, meta_ttl_after_settle=settings.output_ttl_seconds),
-        queue=QueueBudget(redis, config.max_queued_requests, config.max_queued_tokens, config.retry_after_seconds),
-        detached=DetachedStreams(redis, config.resume_grace_seconds, settings.output_ttl_seconds),
+        keys=KeyStore(settings.api_keys, settings.api_keys_file),
+        limits=KeyLimits(redis, settings, meta_ttl_after_settle=settings.output_ttl_seconds),
+        queue=QueueBudget(
+            redis, settings.max_queued_requests, settings.max_queued_tokens, settings.retry_after_seconds
+        ),
+        detached=DetachedStreams(redis, settings.resume_grace_seconds, settings.output_ttl_seconds),
     )
 
     middlewares = [metrics_middleware, error_middleware, auth_middleware]  # outermost first
@@ -95,6 +94,7 @@ def create_app(settings: Settings, config: GatewayConfig | None = None) -> web.A
     app.router.add_get("/ready", handlers.ready)
     app.router.add_get("/metrics", handlers.metrics)
     app.router.add_get("/openapi.json", openapi_json)
+    conversions.add_routes(app)
     return app
 
 
@@ -140,12 +140,12 @@ async def _close_redis(app: web.Application) -> None:
     await app[STATE].redis.aclose()
 
 
-async def start(settings: Settings, config: GatewayConfig | None = None) -> web.AppRunner:
+async def start(settings: Settings) -> web.AppRunner:
     """The app listening on settings.host:port; ``await runner.cleanup()`` stops it. Tests start it this way too.
     Raises ValueError for a bad key list, or for a non-loopback address with no keys (see ``check_exposure``)."""
-    app = create_app(settings, config)
+    app = create_app(settings)
     state = app[STATE]
-    check_exposure(settings.host, state.keys.configured, state.config.allow_open)
+    check_exposure(settings.host, state.keys.configured, state.settings.allow_open)
     if state.keys.configured:
         log.info("API keys required: %d configured", len(state.keys.keys))
     elif is_loopback(settings.host):
@@ -161,9 +161,9 @@ async def start(settings: Settings, config: GatewayConfig | None = None) -> web.
     return runner
 
 
-async def serve(settings: Settings, stop: asyncio.Event | None = None, config: GatewayConfig | None = None) -> None:
+async def serve(settings: Settings, stop: asyncio.Event | None = None) -> None:
     """Serve until ``stop`` is set (forever if None); then close connections and Redis."""
-    runner = await start(settings, config)
+    runner = await start(settings)
     log.info("gateway on http://%s:%d (models in %s)", settings.host, settings.port, settings.models_dir)
     try:
         await (stop or asyncio.Event()).wait()

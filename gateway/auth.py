@@ -30,7 +30,7 @@ def open_paths(metrics_auth: str) -> frozenset[str]:
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     state = state_of(request)
-    if state.keys.configured and request.path not in open_paths(state.config.metrics_auth):
+    if state.keys.configured and request.path not in open_paths(state.settings.metrics_auth):
         request[PRINCIPAL] = authenticate(request)
     return await handler(request)
 

@@ -17,7 +17,6 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway import redis_keys
 from shared import names
 
 log = logging.getLogger("gateway.detach")
@@ -70,22 +69,22 @@ class DetachedStreams:
 
     async def attach(self, request_id: str, reader: str) -> None:
         """``reader`` (a token unique to one connection) follows the stream: it must not be cancelled."""
-        keys = [redis_keys.readers(request_id), redis_keys.DETACHED]
+        keys = [names.stream_readers(request_id), names.DETACHED_STREAMS]
         await self._attach(keys=keys, args=[reader, request_id, READERS_TTL_SECONDS])
 
     async def detach(self, request_id: str, reader: str) -> bool:
         """``reader`` left; True when it was the last one and the grace period started."""
-        keys = [redis_keys.readers(request_id), redis_keys.DETACHED]
+        keys = [names.stream_readers(request_id), names.DETACHED_STREAMS]
         return await self._detach(keys=keys, args=[reader, request_id, self.grace_seconds]) == 1
 
     async def forget(self, request_id: str) -> None:
         """The request ended: nobody needs to track its readers any more."""
-        await self.redis.delete(redis_keys.readers(request_id))
+        await self.redis.delete(names.stream_readers(request_id))
 
     async def sweep(self) -> int:
         """Cancel every detached request whose grace period is over; returns how many."""
-        args = [names.cancel_key(""), redis_keys.readers(""), self.cancel_ttl, SWEEP_BATCH]
-        return int(await self._sweep(keys=[redis_keys.DETACHED], args=args))
+        args = [names.cancel_key(""), names.stream_readers(""), self.cancel_ttl, SWEEP_BATCH]
+        return int(await self._sweep(keys=[names.DETACHED_STREAMS], args=args))
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep until ``stop`` is set; Redis outages are logged once per minute at most, never fatal."""

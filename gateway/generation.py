@@ -120,7 +120,7 @@ async def relay_sse(
             log.info("client left stream %s", flight.id)
         except RedisError as exc:
             log.warning("redis failed while streaming %s: %s", flight.id, exc)
-            await _send_error_quietly(sse, errors.redis_unavailable(str(exc), state.config.retry_after_seconds))
+            await _send_error_quietly(sse, errors.redis_unavailable(str(exc), state.settings.retry_after_seconds))
         except Exception:
             log.exception("unexpected error while streaming %s", flight.id)
             await _send_error_quietly(sse, errors.ApiError(500, "internal error while streaming"))

@@ -169,8 +169,8 @@ async def list_workers(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = state_of(request)
-    if state.config.metrics_auth != "none":
-        require_scope(request, state.config.metrics_auth)
+    if state.settings.metrics_auth != "none":
+        require_scope(request, state.settings.metrics_auth)
     return state.metrics.response()
 
 

@@ -44,7 +44,7 @@ class InFlight:
         self.state = state
         self.meta = meta
         self.request = request  # None: a resume of a request some gateway already enqueued
-        self.resumable = resumable and state.config.resume_grace_seconds > 0
+        self.resumable = resumable and state.settings.resume_grace_seconds > 0
         self.entry_id = meta.entry_id
         self.started = False
         self.finished = False  # the request has ended for good: nothing to cancel or detach

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway import errors, redis_keys
+from gateway import errors
 from gateway.api_keys import ApiKey
-from gateway.config import GatewayConfig
+from shared import names
+from shared.settings import Settings
 
 DAY_SECONDS = 86_400
 
@@ -84,24 +85,24 @@ def seconds_to_next_day() -> float:
 
 
 class KeyLimits:
-    def __init__(self, redis: aioredis.Redis, config: GatewayConfig, meta_ttl_after_settle: int) -> None:
+    def __init__(self, redis: aioredis.Redis, settings: Settings, meta_ttl_after_settle: int) -> None:
         self.redis = redis
-        self.config = config
+        self.settings = settings
         self.meta_ttl_after_settle = meta_ttl_after_settle
         self._admit = redis.register_script(_ADMIT_REQUEST)
         self._reserve = redis.register_script(_RESERVE_TOKENS)
         self._settle = redis.register_script(_SETTLE)
 
     def rpm_of(self, key: ApiKey) -> int:
-        return self.config.rate_limit_rpm if key.rpm is None else key.rpm
+        return self.settings.rate_limit_rpm if key.rpm is None else key.rpm
 
     def quota_of(self, key: ApiKey) -> int:
-        return self.config.token_quota_per_day if key.tokens_per_day is None else key.tokens_per_day
+        return self.settings.token_quota_per_day if key.tokens_per_day is None else key.tokens_per_day
 
     async def count_request(self, key: ApiKey) -> None:
         """Count one request against the key's per-minute rate; 429 with Retry-After when it is over."""
         rpm = self.rpm_of(key)
-        keys = [redis_keys.rate(key.key_id), redis_keys.usage(key.key_id)]
+        keys = [names.key_rate(key.key_id), names.key_usage(key.key_id)]
         allowed, wait_ms = await self._admit(keys=keys, args=[rpm])
         if not allowed:
             raise errors.too_many(
@@ -115,7 +116,7 @@ class KeyLimits:
         limit = self.quota_of(key)
         if limit <= 0:
             return QuotaHold("", 0)
-        quota_key = redis_keys.quota(key.key_id, today())
+        quota_key = names.key_quota(key.key_id, today())
         allowed, used = await self._reserve(keys=[quota_key], args=[cost, limit, 2 * DAY_SECONDS])
         if not allowed:
             detail = (
@@ -139,16 +140,16 @@ class KeyLimits:
     async def settle(self, request_id: str, key_id: str, quota_key: str, prompt: int, completion: int) -> bool:
         """Charge what the request used (refunding the rest of its hold) and add it to the key's usage, once."""
         keys = [
-            redis_keys.request_meta(request_id),
-            redis_keys.usage(key_id or "-"),
-            quota_key or redis_keys.request_meta(request_id),  # a key that exists, so the script reads no other
+            names.request_meta(request_id),
+            names.key_usage(key_id or "-"),
+            quota_key or names.request_meta(request_id),  # a key that exists, so the script reads no other
         ]
         return await self._settle(keys=keys, args=[prompt, completion, self.meta_ttl_after_settle]) == 1
 
     async def usage(self, key: ApiKey) -> dict[str, int]:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hgetall(redis_keys.usage(key.key_id))
-        pipe.get(redis_keys.quota(key.key_id, today()))
+        pipe.hgetall(names.key_usage(key.key_id))
+        pipe.get(names.key_quota(key.key_id, today()))
         counters, today_tokens = await pipe.execute()
         counts = {k.decode(): int(v) for k, v in counters.items()}
         return {

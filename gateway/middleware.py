@@ -47,7 +47,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _reject(request, error)
     except (RedisError, ConnectionRefusedError) as exc:
         log.warning("redis unavailable for %s %s: %s", request.method, request.path, exc)
-        retry_after = state_of(request).config.retry_after_seconds
+        retry_after = state_of(request).settings.retry_after_seconds
         return _reject(request, errors.redis_unavailable(str(exc) or type(exc).__name__, retry_after))
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)

@@ -11,7 +11,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.config import GatewayConfig
 from gateway.openai_api import CHAT_ROLES, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from gateway.state import state_of
 from shared.settings import Settings
@@ -29,10 +28,10 @@ SSE = {
 
 async def openapi_json(request: web.Request) -> web.Response:
     state = state_of(request)
-    return web.json_response(openapi_document(state.settings, state.config))
+    return web.json_response(openapi_document(state.settings))
 
 
-def openapi_document(settings: Settings, config: GatewayConfig) -> dict[str, Any]:
+def openapi_document(settings: Settings) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {
@@ -45,7 +44,7 @@ def openapi_document(settings: Settings, config: GatewayConfig) -> dict[str, Any
         "paths": _paths(settings),
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": _schemas(settings, config),
+            "schemas": _schemas(settings),
             "responses": {
                 str(status): {"description": why, "content": {JSON: {"schema": _ref("Error")}}}
                 for status, why in _ERROR_STATUSES.items()
@@ -81,6 +80,9 @@ def _json_ok(schema: Schema, description: str = "OK") -> dict[str, Any]:
 
 def _body(name: str) -> dict[str, Any]:
     return {"required": True, "content": {JSON: {"schema": _ref(name)}}}
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 def _paths(settings: Settings) -> dict[str, Any]:
@@ -158,6 +160,45 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 "responses": {**_json_ok(_ref("WorkerList")), **_errors(503)},
             }
         },
+        "/v1/conversions": {
+            "post": {
+                "summary": "Submit an EXL3 conversion of a model in the models directory (admin scope)",
+                "requestBody": _body("ConversionRequest"),
+                "responses": {
+                    "201": {"description": "Queued", "content": {JSON: {"schema": _ref("Conversion")}}},
+                    **_errors(400, 409, 413, 503),
+                },
+            },
+            "get": {
+                "summary": "Conversion jobs, newest first (admin scope)",
+                "responses": {**_json_ok(_ref("ConversionList")), **_errors(503)},
+            },
+        },
+        "/v1/conversions/{job_id}": {
+            "get": {
+                "summary": "A conversion's state, progress, per-block figures and error (admin scope)",
+                "parameters": [_JOB_ID],
+                "responses": {**_json_ok(_ref("Conversion")), **_errors(404, 503)},
+            },
+            "delete": {
+                "summary": "Cancel a conversion at its next block, keeping a resumable work dir (admin scope)",
+                "parameters": [_JOB_ID],
+                "responses": {
+                    "202": {"description": "Cancel requested", "content": {JSON: {"schema": _ref("Conversion")}}},
+                    **_errors(404, 409, 503),
+                },
+            },
+        },
+        "/v1/conversions/{job_id}/events": {
+            "get": {
+                "summary": "A conversion's state and progress events as SSE, ending with [DONE] (admin scope)",
+                "parameters": [
+                    _JOB_ID,
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "SSE stream", "content": SSE}, **_errors(404, 503)},
+            }
+        },
         "/health": {"get": {"summary": "Liveness: the process answers; never needs a key", **plain}},
         "/ready": {
             "get": {
@@ -184,7 +225,7 @@ def _paths(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _schemas(settings: Settings, config: GatewayConfig) -> dict[str, Schema]:
+def _schemas(settings: Settings) -> dict[str, Schema]:
     token_ids = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
     number = {"type": "number"}
     sampling: dict[str, Schema] = {
@@ -202,11 +243,11 @@ def _schemas(settings: Settings, config: GatewayConfig) -> dict[str, Schema]:
         "seed": {"type": "integer"},
         "stop": {
             "oneOf": [
-                {"type": "string", "minLength": 1, "maxLength": config.max_stop_string_chars},
+                {"type": "string", "minLength": 1, "maxLength": settings.max_stop_string_chars},
                 {
                     "type": "array",
                     "maxItems": settings.max_stop_strings,
-                    "items": {"type": "string", "minLength": 1, "maxLength": config.max_stop_string_chars},
+                    "items": {"type": "string", "minLength": 1, "maxLength": settings.max_stop_string_chars},
                 },
             ]
         },
@@ -224,8 +265,8 @@ def _schemas(settings: Settings, config: GatewayConfig) -> dict[str, Schema]:
             **number,
             "exclusiveMinimum": True,
             "minimum": 0,
-            "maximum": config.max_queue_timeout_seconds,
-            "description": f"Seconds the request may wait to start (default {config.queue_timeout_seconds:g}); "
+            "maximum": settings.max_queue_timeout_seconds,
+            "description": f"Seconds the request may wait to start (default {settings.queue_timeout_seconds:g}); "
             "past it the request is dropped with a 503 queue_timeout and never runs.",
         },
         "deadline": {**number, "description": "Unix time by which the request must have started."},
@@ -254,7 +295,7 @@ def _schemas(settings: Settings, config: GatewayConfig) -> dict[str, Schema]:
     }
     prompt = {
         "oneOf": [
-            {"type": "string", "maxLength": config.max_prompt_chars},
+            {"type": "string", "maxLength": settings.max_prompt_chars},
             {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 1},
             token_ids,
             {"type": "array", "items": token_ids, "minItems": 1, "maxItems": 1},
@@ -352,6 +393,39 @@ def _schemas(settings: Settings, config: GatewayConfig) -> dict[str, Schema]:
             "type": "object",
             "required": ["object", "data"],
             "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": {"type": "object"}}},
+        },
+        "ConversionRequest": {
+            "type": "object",
+            "required": ["source", "bits"],
+            "properties": {
+                "source": {"type": "string", "description": "Model id (directory or .gguf) in the models directory"},
+                "output": {"type": "string", "description": "Output model id (default: {source}-exl3-{bits}bpw)"},
+                "bits": {**number, "minimum": 1, "maximum": 8},
+                "head_bits": {"type": "integer", "enum": [1, 2, 3, 4, 5, 6, 7, 8, 16]},
+                "codebook": {"type": "string", "enum": ["mul1", "mcg", "3inst"]},
+                "cal_rows": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "cal_cols": {"type": "integer", "minimum": 16, "maximum": 65536},
+            },
+        },
+        "Conversion": {
+            "type": "object",
+            "required": ["id", "object", "state", "source", "output", "bits", "blocks", "error"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"type": "string", "enum": ["conversion"]},
+                "state": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+                "source": {"type": "string"},
+                "output": {"type": "string"},
+                "bits": {"type": "number"},
+                "progress": {"type": "number"},
+                "blocks": {"type": "array", "items": {"type": "object"}},
+                "error": {"type": "string"},
+            },
+        },
+        "ConversionList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"type": "string"}, "data": {"type": "array", "items": _ref("Conversion")}},
         },
         "Usage": {
             "type": "object",

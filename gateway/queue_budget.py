@@ -1,6 +1,6 @@
 """Admission control per model: how many requests, and how many tokens, may wait for a worker at once.
 
-A shared ledger in Redis (``gw:queue:{model}*``, see redis_keys.py) holds each admitted-but-not-started request's
+A shared ledger in Redis (``gw:queue:{model}*``, see shared/names.py) holds each admitted-but-not-started request's
 cost (prompt + n * max_tokens). ``reserve`` checks the limits and adds the request in one Lua script, so gateways
 racing for the last slot cannot both win. A request leaves the ledger when its first event arrives (it started:
 that is the *drain*), or when it ends without starting. An entry whose gateway died leaves at its queue deadline.
@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
-from gateway import errors, redis_keys
+from gateway import errors
+from shared import names
 
 MAX_RETRY_AFTER_SECONDS = 600.0
 
@@ -153,12 +154,12 @@ class QueueBudget:
 
     async def state(self, model: str) -> QueueState:
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hlen(redis_keys.queue_costs(model))
-        pipe.hmget(redis_keys.queue_stats(model), ["tokens", "drained", "drained_tokens"])
+        pipe.hlen(names.queue_costs(model))
+        pipe.hmget(names.queue_stats(model), ["tokens", "drained", "drained_tokens"])
         waiting, stats = await pipe.execute()
         tokens, drained, drained_tokens = (int(v or 0) for v in stats)
         return QueueState(int(waiting), tokens, drained, drained_tokens)
 
 
 def _keys(model: str) -> list[str]:
-    return [redis_keys.queue_costs(model), redis_keys.queue_deadlines(model), redis_keys.queue_stats(model)]
+    return [names.queue_costs(model), names.queue_deadlines(model), names.queue_stats(model)]

@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway import errors, redis_keys
+from gateway import errors
 from gateway.registry import WorkerRegistry
 from gateway.stream_meta import RequestMeta
 from shared import names, wire
@@ -106,17 +106,16 @@ class Relay:
 
     async def enqueue(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> str:
         """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length), together with
-        its meta; returns the entry id. ``queue_deadline`` rides along in the payload for workers that check it."""
+        its meta; returns the entry id."""
         body = request.to_dict()
         meta_args: list[str] = []
         ttl = META_SLACK_SECONDS
         if meta is not None:
             if meta.queue_deadline:
-                body["queue_deadline"] = meta.queue_deadline  # proposed wire field: workers drop it when late
                 ttl += max(0, int(meta.queue_deadline - time.time()))
             meta_args = [part for item in meta.to_hash().items() for part in item]
         entry_id = await self._enqueue(
-            keys=[names.requests_stream(request.model), redis_keys.request_meta(request.id)],
+            keys=[names.requests_stream(request.model), names.request_meta(request.id)],
             args=[self.stream_maxlen, names.PAYLOAD_FIELD, wire.pack(body), ttl, *meta_args],
         )
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)

@@ -13,7 +13,7 @@ import re
 
 from aiohttp import web
 
-from gateway import errors, redis_keys
+from gateway import errors
 from gateway.auth import ADMIN, USER, principal_of, require_scope
 from gateway.generation import FirstTokenTimer, builder_from_meta, parse_entry_id, relay_sse
 from gateway.inflight import InFlight
@@ -47,7 +47,7 @@ async def resume_stream(request: web.Request) -> web.StreamResponse:
     if meta is None or (key is not None and not key.allows(ADMIN) and key.key_id != meta.key_id):
         raise not_found
     # a finished request whose output expired, or a resume point in an output that is gone, cannot be served
-    settled = await state.redis.hexists(redis_keys.request_meta(request_id), "settled")
+    settled = await state.redis.hexists(names.request_meta(request_id), "settled")
     if (last_event_id or settled) and not await state.redis.exists(names.output_stream(request_id)):
         raise not_found
     builder = builder_from_meta(meta, meta.include_usage)

@@ -9,7 +9,6 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.api_keys import KeyStore
-from gateway.config import GatewayConfig
 from gateway.detach import DetachedStreams
 from gateway.key_limits import KeyLimits
 from gateway.metrics import GatewayMetrics
@@ -23,7 +22,6 @@ from shared.settings import Settings
 @dataclass
 class GatewayState:
     settings: Settings
-    config: GatewayConfig  # gateway-only settings (to be merged into Settings)
     redis: aioredis.Redis  # the app's one connection pool
     registry: WorkerRegistry
     model_files: ModelFiles

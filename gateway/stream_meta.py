@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway import redis_keys
+from shared import names
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _encode(value: object) -> str:
 
 async def load_meta(redis: aioredis.Redis, request_id: str) -> RequestMeta | None:
     """The request's meta, or None when there is no such request (or it expired)."""
-    fields = await redis.hgetall(redis_keys.request_meta(request_id))
+    fields = await redis.hgetall(names.request_meta(request_id))
     if not fields or b"request_id" not in fields:
         return None
     return RequestMeta.from_hash(fields)

@@ -72,11 +72,11 @@ class WebSocketSession:
     # -- incoming --------------------------------------------------------------------------------------------------
     async def read_frames(self) -> None:
         """Until the socket closes, goes idle too long, or the client sends more frames than allowed."""
-        config = self.state.config
+        settings = self.state.settings
         last_active = time.monotonic()
         while not self.ws.closed:
             # our own clock: aiohttp's receive timeout restarts on every heartbeat pong, so it never fires
-            remaining = config.ws_idle_seconds - (time.monotonic() - last_active)
+            remaining = settings.ws_idle_seconds - (time.monotonic() - last_active)
             if remaining <= 0:
                 if self.tasks:  # quiet, but requests are running: not idle
                     last_active = time.monotonic()
@@ -95,11 +95,11 @@ class WebSocketSession:
                 log.info("websocket closed on error: %s", self.ws.exception())
                 return
             self.frames_received += 1
-            if self.frames_received > config.ws_max_messages:
+            if self.frames_received > settings.ws_max_messages:
                 await self.send_error(
                     None,
                     errors.invalid(
-                        f"This socket has sent {config.ws_max_messages} frames, the limit per socket; reconnect.",
+                        f"This socket has sent {settings.ws_max_messages} frames, the limit per socket; reconnect.",
                         code="too_many_messages",
                     ),
                 )
@@ -194,7 +194,7 @@ class WebSocketSession:
             self.state.metrics.rejected.labels(exc.code).inc()
             await self.send_error(client_id, exc)
         except RedisError as exc:
-            error = errors.redis_unavailable(str(exc), self.state.config.retry_after_seconds)
+            error = errors.redis_unavailable(str(exc), self.state.settings.retry_after_seconds)
             self.state.metrics.rejected.labels(error.code).inc()
             await self.send_error(client_id, error)
         except Exception:

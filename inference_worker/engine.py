@@ -305,7 +305,7 @@ class Engine:
         p = req.params
         prompt = list(req.prompt_ids)
         if req.deadline and time.time() > req.deadline:
-            raise RequestError("deadline_exceeded", "the request was not started before its deadline")
+            raise RequestError("queue_timeout", "the request was not started before its queue deadline; it never ran")
         if not prompt:
             raise RequestError("invalid_request", "the prompt is empty: at least one token is needed")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]

@@ -20,7 +20,6 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from gateway.app import start
-from gateway.config import GatewayConfig, load_gateway_config
 from shared import names, wire
 from shared.redis_server import free_port
 from shared.redis_streams import ensure_group, entry, payload
@@ -58,19 +57,20 @@ def gateway_settings(redis_url: str, models_dir: Path, **overrides: Any) -> Sett
     return load_settings(env={}, **values)
 
 
-def gateway_config(**overrides: Any) -> GatewayConfig:
-    """Gateway-only settings for a test: the defaults (not this process's environment), then ``overrides``."""
-    return load_gateway_config(env={}, **overrides)
+def gateway_config(**overrides: Any) -> dict[str, Any]:
+    """Settings a test changes for its gateway (keys, limits, timeouts), checked against ``Settings`` at once."""
+    load_settings(env={}, **overrides)
+    return overrides
 
 
 @asynccontextmanager
 async def running_gateway(
-    settings: Settings, config: GatewayConfig | None = None, headers: dict[str, str] | None = None
+    settings: Settings, config: dict[str, Any] | None = None, headers: dict[str, str] | None = None
 ) -> AsyncIterator[aiohttp.ClientSession]:
     """The gateway as production runs it (``gateway.app.start``) on a free port, and a real HTTP client for it
     (sending ``headers`` with every request, e.g. an Authorization header)."""
-    settings = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
-    runner = await start(settings, config or gateway_config())
+    settings = dataclasses.replace(settings, host="127.0.0.1", port=free_port(), **(config or {}))
+    runner = await start(settings)
     session = aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}", headers=headers)
     try:
         yield session

@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import redis_keys
 from gateway.queue_budget import DrainRate, QueueState, retry_after_seconds
 from shared import names, wire
 from tests.gateway_harness import (
@@ -64,7 +63,7 @@ def settings(redis_url: str, tmp_path: Path):
 
 
 async def waiting_in_ledger(redis) -> int:
-    return await redis.hlen(redis_keys.queue_costs(MODEL))
+    return await redis.hlen(names.queue_costs(MODEL))
 
 
 async def until(predicate, timeout: float = 5.0) -> None:

@@ -185,7 +185,7 @@ async def test_start_refuses_all_interfaces_without_keys_and_says_why_it_is_open
     settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(ValueError, match="no API keys configured"):
-        await start(dataclasses.replace(settings, host="0.0.0.0"), gateway_config())
+        await start(dataclasses.replace(settings, host="0.0.0.0"))
     caplog.set_level(logging.INFO)
     async with running_gateway(settings, gateway_config()) as c:
         assert (await c.get("/v1/models")).status == 200  # open, no key needed

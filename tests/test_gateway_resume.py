@@ -11,7 +11,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import redis_keys
 from gateway.app import start
 from shared import names
 from shared.redis_server import free_port
@@ -176,7 +175,7 @@ async def test_gateway_shutdown_mid_stream_then_resume_on_the_other_gateway(
     settings = gateway_settings(redis_url, tmp_path, keepalive_seconds=0.2)
     config = gateway_config(resume_grace_seconds=30)
     first = dataclasses.replace(settings, host="127.0.0.1", port=free_port())
-    runner = await start(first, config)
+    runner = await start(dataclasses.replace(first, **config))
     async with running_gateway(settings, config) as other, aiohttp.ClientSession() as client:
         resp = await client.post(f"http://127.0.0.1:{first.port}/v1/completions", json=stream_body())
         req = await peer.next_request()
@@ -193,7 +192,7 @@ async def test_gateway_shutdown_mid_stream_then_resume_on_the_other_gateway(
     assert events[0].id == after and events[0].json()["choices"][0]["text"] == " after"
     assert events[-1].data == "[DONE]"
     assert not await redis.exists(names.cancel_key(req.id))
-    assert await redis.zscore(redis_keys.DETACHED, req.id) is None  # the resume took it off the detached set
+    assert await redis.zscore(names.DETACHED_STREAMS, req.id) is None  # the resume took it off the detached set
 
 
 async def test_only_the_owner_or_an_admin_may_resume_a_stream(gateways, peer: WorkerPeer) -> None:

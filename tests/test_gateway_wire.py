@@ -12,7 +12,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import redis_keys
 from gateway.admission import fit_max_tokens
 from gateway.app import start
 from gateway.openai_api import parse_completion
@@ -293,7 +292,7 @@ async def test_shutdown_ends_open_streams_promptly_and_leaves_them_resumable(
 ) -> None:
     make_model_dir(tmp_path, MODEL)
     settings = dataclasses.replace(gateway_settings(redis_url, tmp_path), host="127.0.0.1", port=free_port())
-    runner = await start(settings, gateway_config(resume_grace_seconds=30))
+    runner = await start(dataclasses.replace(settings, resume_grace_seconds=30))
     async with aiohttp.ClientSession(base_url=f"http://127.0.0.1:{settings.port}") as session:
         resp = await session.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "stream": True})
         req = await peer.next_request()
@@ -308,4 +307,4 @@ async def test_shutdown_ends_open_streams_promptly_and_leaves_them_resumable(
     assert events[-1].data == "[DONE]"
     # not cancelled: detached, so a client can resume it on another gateway within the grace period
     assert not await redis.exists(names.cancel_key(req.id))
-    assert await redis.zscore(redis_keys.DETACHED, req.id) is not None
+    assert await redis.zscore(names.DETACHED_STREAMS, req.id) is not None

@@ -23,13 +23,13 @@ from gateway.app import create_app, start
 from gateway.openapi import openapi_document
 from shared.redis_server import free_port
 from shared.settings import load_settings
-from tests.gateway_harness import StandInWorker, gateway_config
+from tests.gateway_harness import StandInWorker
 
 ADMIN_KEY = "schemathesis-admin-key-0123"
 HEADERS = {"Authorization": f"Bearer {ADMIN_KEY}"}
 FUZZ_DB = 4  # a Redis database of its own: other gateway tests flush theirs
 EXAMPLES_PER_OPERATION = 25
-CONFIG = gateway_config(api_keys=f"admin:{ADMIN_KEY}", retry_after_seconds=1)
+CONFIG = {"api_keys": f"admin:{ADMIN_KEY}", "retry_after_seconds": 1}
 
 
 class GatewayThread:
@@ -38,7 +38,8 @@ class GatewayThread:
 
     def __init__(self, redis_url: str, models_dir: Path, model: str) -> None:
         self.settings = load_settings(
-            env={}, redis_url=redis_url, models_dir=models_dir, default_model=model, host="127.0.0.1", port=free_port()
+            env={}, redis_url=redis_url, models_dir=models_dir, default_model=model, host="127.0.0.1", port=free_port(),
+            **CONFIG,
         )
         self.model = model
         self.loop = asyncio.new_event_loop()
@@ -52,7 +53,7 @@ class GatewayThread:
 
     async def _main(self) -> None:
         self.stop = asyncio.Event()
-        runner = await start(self.settings, CONFIG)
+        runner = await start(self.settings)
         async with StandInWorker(self.settings.redis_url, self.model, capacity=32, max_model_len=2048):
             self.ready.set()
             await self.stop.wait()
@@ -83,7 +84,7 @@ def live_gateway(redis_url: str, default_model_dir: Path, tmp_path_factory: pyte
 
 # Parametrizing needs the document at collection time, before any gateway runs: it is built by the same function
 # that serves /openapi.json, and the last test checks the live route serves exactly this.
-DOCUMENT = openapi_document(load_settings(env={}), CONFIG)
+DOCUMENT = openapi_document(load_settings(env={}, **CONFIG))
 schema = schemathesis.openapi.from_dict(DOCUMENT)
 
 
@@ -120,7 +121,7 @@ def test_the_live_document_is_the_fuzzed_one_and_names_every_route(live_gateway:
     doc = requests.get(f"{live_gateway}/openapi.json", headers=HEADERS, timeout=10).json()
     assert doc == json.loads(json.dumps(DOCUMENT))
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
-    app = create_app(dataclasses.replace(load_settings(env={}), redis_url="redis://127.0.0.1:1/0"), gateway_config())
+    app = create_app(dataclasses.replace(load_settings(env={}), redis_url="redis://127.0.0.1:1/0"))
     served = {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
