@@ -59,6 +59,7 @@ _ERROR_STATUSES = {
     403: "The key's scope does not allow this route.",
     404: "No such model, route or stream.",
     405: "The route does not take this method.",
+    409: "A conflict: the output model already exists, or the conversion has already ended.",
     413: "The body is over the size limit.",
     429: "A rate limit, quota or full queue; see Retry-After.",
     500: "A bug or a broken model directory.",

