@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -333,3 +334,12 @@ def test_eos_ends_with_stop_unless_ignored(loaded) -> None:
     ignored = run(make_engine(loaded), [GenerationRequest("i", "m", prompt, params)])["i"]
     assert finishes(ignored)[0]["finish_reason"] == "length"
     assert tokens_of(ignored)[: len(answer) + 1] == [*answer, eos]
+
+
+def test_a_request_past_its_queue_deadline_never_runs_and_ends_with_queue_timeout(loaded, prompt_ids) -> None:
+    engine = make_engine(loaded)
+    late = GenerationRequest("late", "m", prompt_ids[0], greedy(4), deadline=time.time() - 1)
+    on_time = GenerationRequest("on-time", "m", prompt_ids[1], greedy(4), deadline=time.time() + 60)
+    events = run(engine, [late, on_time])
+    assert [e["type"] for e in events["late"]] == ["error"] and events["late"][0]["code"] == "queue_timeout"
+    assert len(tokens_of(events["on-time"])) == 4 and events["on-time"][-1]["type"] == "done"
