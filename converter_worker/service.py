@@ -151,6 +151,8 @@ class ConverterService:
             device=self.settings.device,
         )
         await self._publish(job_id, state, {"type": "state", "state": "running", "resumed": resume})
+        self.metrics.progress.labels(conversion=job_id).set(0.0)
+        self.metrics.last_progress.labels(conversion=job_id).set(time.time())
         loop = asyncio.get_running_loop()
         progress_q: asyncio.Queue[Any] = asyncio.Queue()
         last_block = [time.monotonic()]
@@ -239,6 +241,9 @@ class ConverterService:
         pipe.xack(names.CONVERSIONS_STREAM, names.CONVERTER_GROUP, entry_id)
         await pipe.execute()
         self.metrics.jobs.labels(state=final).inc()
+        for gauge in (self.metrics.progress, self.metrics.last_progress):  # per-job series end with the job
+            with contextlib.suppress(KeyError):
+                gauge.remove(job_id)
         log.info("conversion %s %s", job_id, final)
 
     async def _heartbeat(self) -> None:

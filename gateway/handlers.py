@@ -171,6 +171,7 @@ async def metrics(request: web.Request) -> web.Response:
     state = state_of(request)
     if state.settings.metrics_auth != "none":
         require_scope(request, state.settings.metrics_auth)
+    await state.metrics.cluster.refresh(state.redis, state.registry, state.settings.models_dir)
     return state.metrics.response()
 
 

@@ -6,6 +6,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from gateway.cluster_metrics import ClusterMetrics
+
 # Time to first token spans queueing plus prefill: from milliseconds to minutes under load.
 TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
@@ -37,6 +39,7 @@ class GatewayMetrics:
         )
         for transport in ("http", "sse", "websocket"):
             self.open_streams.labels(transport)  # export zeros before the first request
+        self.cluster = ClusterMetrics(self.registry)
 
     def response(self) -> web.Response:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

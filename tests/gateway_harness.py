@@ -30,6 +30,17 @@ from shared.settings import Settings, load_settings
 GATEWAY_TEST_DB = 3
 
 
+def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text as {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
 def gateway_redis_url(redis_url: str) -> str:
     return f"{redis_url.rsplit('/', 1)[0]}/{GATEWAY_TEST_DB}"
 

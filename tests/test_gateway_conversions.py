@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from shared import names
 from shared.settings import load_settings
+from tests.gateway_harness import metric_samples as samples
 from tests.gateway_harness import running_gateway
 from tests.suite import spawn, stop, suite_env
 from tests.tiny_models import write_tiny_llama
@@ -80,6 +81,17 @@ async def _wait_state(client: aiohttp.ClientSession, job_id: str, states: set[st
             return job
         await asyncio.sleep(0.2)
     raise TimeoutError(f"job {job_id} never reached {states}: {job}")
+
+
+async def _converter_metrics(db_url: str) -> dict:
+    r = aioredis.from_url(db_url)
+    try:
+        keys = [k async for k in r.scan_iter(match="converters:*")]
+        port = int((await r.hget(keys[0], "metrics_port")).decode())
+    finally:
+        await r.aclose()
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/metrics") as resp:
+        return samples(await resp.text())
 
 
 async def _sse_events(resp: aiohttp.ClientResponse) -> list[tuple[str | None, dict | str]]:
@@ -167,6 +179,14 @@ async def test_a_job_converts_streams_progress_and_its_model_is_served(
     assert all(t["bits"] == 3 and t["proxy_error"] > 0 for t in done["blocks"][0]["tensors"].values())
     listed = await (await client.get("/v1/conversions")).json()
     assert [j["id"] for j in listed["data"]] == [job["id"]]
+
+    # the converter's own metrics: the finished job counted, its blocks timed, its per-job series gone
+    metrics = await _converter_metrics(db_url)
+    assert metrics[("trellis_conversion_jobs_finished_total", (("state", "done"),))] == 1
+    assert metrics[("trellis_conversion_block_seconds_count", ())] >= 2
+    assert not any(dict(labels).get("conversion") == job["id"] for _name, labels in metrics)
+    gateway_metrics = samples(await (await client.get("/metrics")).text())
+    assert gateway_metrics[("trellis_conversion_jobs", (("state", "done"),))] == 1
 
     # the finished model appears in /v1/models once a worker serves it, and answers
     env = suite_env(db_url, models, TRELLIS_WORK_DIR=str(work_dir), TRELLIS_DEVICE="cpu")

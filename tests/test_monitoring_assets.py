@@ -102,20 +102,18 @@ def documented_metrics() -> dict[str, str]:
 
 def exported_metrics() -> set[str]:
     """Names the code exports, as Prometheus stores them (counters gain _total): the real metric objects of the
-    worker and the gateway, plus the converter's, which are defined inline in its entry point."""
+    worker, the gateway and the converter."""
     from prometheus_client import CollectorRegistry
 
+    from converter_worker.service import ConverterMetrics
     from gateway.metrics import GatewayMetrics
     from inference_worker.metrics import WorkerMetrics
 
     registry = CollectorRegistry()
     WorkerMetrics(registry, model="any")
+    ConverterMetrics(registry)
     families = list(registry.collect()) + list(GatewayMetrics().registry.collect())
-    out = {f.name + "_total" if f.type == "counter" else f.name for f in families}
-    converter = (REPO / "converter_worker" / "__main__.py").read_text()
-    for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*[\"'](trellis_[a-z0-9_]+)", converter):
-        out.add(name + "_total" if kind == "Counter" else name)
-    return out
+    return {f.name + "_total" if f.type == "counter" else f.name for f in families}
 
 
 def _tool(name: str) -> str:
