@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: run test lint format bench redis-server clean
+.PHONY: run test lint format bench bench-gateway redis-server clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: $(STAMP)
 
 bench: $(STAMP) redis-server
 	$(PY) bench/serving.py
+
+# Bounded loopback load test of one gateway (1,000 SSE streams, a 5,000-request burst); about a minute.
+bench-gateway: $(STAMP) redis-server
+	$(PY) bench/load_gateway.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

@@ -134,6 +134,7 @@ async def submit(request: web.Request) -> web.Response:
     job = parse_submission(await read_json(request), state)
     fields = {k: str(v) for k, v in job.items() if k != "id"}
     try:
+        await _refuse_output_in_use(state, job["output"])
         pipe = state.redis.pipeline(transaction=True)
         pipe.hset(names.conversion_key(job["id"]), mapping={**fields, "state": "queued", "progress": "0"})
         pipe.zadd(names.CONVERSION_JOBS, {job["id"]: job["created"]})
@@ -143,6 +144,19 @@ async def submit(request: web.Request) -> web.Response:
     except RedisError as exc:
         raise errors.redis_unavailable(str(exc), state.settings.retry_after_seconds) from None
     return web.json_response(view, status=201, headers={"Location": f"/v1/conversions/{job['id']}"})
+
+
+async def _refuse_output_in_use(state: GatewayState, output: str) -> None:
+    """409 when a job that has not ended already writes ``output`` (two converters must never share an output)."""
+    ids = [i.decode() for i in await state.redis.zrevrange(names.CONVERSION_JOBS, 0, -1)]
+    pipe = state.redis.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hmget(names.conversion_key(job_id), ["output", "state"])
+    for out, job_state in await pipe.execute() if ids else []:
+        if out is not None and out.decode() == output and (job_state or b"").decode() not in TERMINAL_STATES:
+            raise errors.ApiError(
+                409, f"Another conversion is already writing {output!r}.", param="output", code="output_exists"
+            )
 
 
 async def list_jobs(request: web.Request) -> web.Response:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from shared.redis_server import free_port
+from shared.redis_server import free_port, start_redis_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -71,3 +71,22 @@ def running_suite(redis_url: str, models_dir: Path, model_id: str, log_dir: Path
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(procs)
+
+
+class RedisProcess:
+    """A redis-server we can stop and start again on the same port."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = start_redis_server(self.port, self.data_dir)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None

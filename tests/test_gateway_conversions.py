@@ -213,6 +213,8 @@ async def test_cancel_stops_a_running_job_keeps_its_work_dir_and_a_queued_job_ne
 ) -> None:
     running = await _submit(client, source="tiny-long", output="tiny-long-a", **SMALL)
     queued = await _submit(client, source="tiny-long", output="tiny-long-b", **SMALL)  # waits: one converter
+    clash = await client.post("/v1/conversions", json={"source": "tiny-src", "output": "tiny-long-b", **SMALL})
+    assert clash.status == 409 and (await clash.json())["error"]["code"] == "output_exists"
     await _wait_state(client, running["id"], {"running"})
     resp = await client.delete(f"/v1/conversions/{queued['id']}")
     assert resp.status == 202 and (await resp.json())["cancel_requested"] is True

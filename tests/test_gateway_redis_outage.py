@@ -6,14 +6,12 @@ port, so it can stop and restart it; the worker is the wire-level stand-in (test
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from shared.redis_server import free_port, start_redis_server
 from shared.settings import load_settings
 from tests.gateway_harness import (
     StandInWorker,
@@ -23,29 +21,11 @@ from tests.gateway_harness import (
     read_data_events,
     running_gateway,
 )
+from tests.suite import RedisProcess
 
 MODEL = "outage-model"
 BODY = {"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2}
 RECOVERY_SECONDS = 5.0
-
-
-class RedisProcess:
-    """A redis-server we can stop and start again on the same port."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.port = free_port()
-        self.data_dir = data_dir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = start_redis_server(self.port, self.data_dir)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
 
 
 @pytest.fixture
