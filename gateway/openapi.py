@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.openai_api import CHAT_ROLES, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from gateway.state import state_of
 from shared.settings import Settings
+from shared.wire import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -271,6 +272,15 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             "past it the request is dropped with a 503 queue_timeout and never runs.",
         },
         "deadline": {**number, "description": "Unix time by which the request must have started."},
+        "speculative": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "Speculative decoding for this request (default: the worker's setting).",
+            "properties": {
+                "method": {"type": "string", "enum": list(SPECULATIVE_METHODS)},
+                "num_tokens": {"type": "integer", "minimum": 0, "maximum": MAX_SPECULATIVE_TOKENS},
+            },
+        },
     }
     message = {
         "type": "object",

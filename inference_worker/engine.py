@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,16 @@ from prometheus_client import CollectorRegistry
 from inference_worker.batch import ForwardBatch
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample
-from inference_worker.scheduler import Scheduler, Sequence, StepPlan
+from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
+from inference_worker.scheduler import ScheduledSeq, Scheduler, Sequence, StepPlan
+from inference_worker.speculative import (
+    AdaptiveDraftLength,
+    DraftRequest,
+    NgramProposer,
+    Proposer,
+    SpecRequest,
+    resolve_request,
+)
 from inference_worker.stop import StopChecker
 from shared import wire
 from shared.detokenize import IncrementalDetokenizer
@@ -48,6 +56,9 @@ class EngineConfig:
     worker_id: str = ""  # reported in every "done" event
     kv_bits: KVBits = (None, None)  # (key, value) bits; None: unquantized (see kv_cache.parse_kv_bits)
     prefix_caching: bool = True
+    speculative_method: str = "off"  # the default for requests that do not say: off | ngram | draft
+    speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
+    speculative_max_batch: int = 16  # with more decoding sequences than this, nobody speculates (compute-bound)
 
 
 class RequestError(ValueError):
@@ -66,6 +77,8 @@ class _Choice:
     sampling: SamplingState
     detok: IncrementalDetokenizer
     stop: StopChecker
+    spec: SpecRequest
+    draft_length: AdaptiveDraftLength | None  # None: this choice never speculates
     last_token_at: float | None = None
     finished: bool = False
 
@@ -101,6 +114,7 @@ class Engine:
         tokenizer: ModelTokenizer,
         cfg: EngineConfig,
         metrics: WorkerMetrics | None = None,
+        proposers: Mapping[str, Proposer] | None = None,
     ) -> None:
         self.model = model
         self.model_config = model_config
@@ -136,6 +150,14 @@ class Engine:
         self._inbox: list[wire.GenerationRequest] = []
         self._aborts: list[str] = []
         self._num_live_seqs = 0  # sequences queued or scheduled, for free_slots() from any thread
+        # speculative decoding: n-gram lookup is always there (it costs nothing); a draft model only when given
+        self.proposers: dict[str, Proposer] = {"ngram": NgramProposer(), **(proposers or {})}
+        try:
+            self._default_spec = resolve_request(
+                None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
+            )
+        except ValueError as exc:
+            raise ValueError(f"TRELLIS_SPECULATIVE_METHOD / TRELLIS_SPECULATIVE_TOKENS: {exc}") from None
 
     # -- construction -------------------------------------------------------------------------------------------------
     @classmethod
@@ -171,6 +193,9 @@ class Engine:
             worker_id=settings.worker_id,
             kv_bits=kv_bits,
             prefix_caching=settings.prefix_caching,
+            speculative_method=settings.speculative_method,
+            speculative_tokens=settings.speculative_tokens,
+            speculative_max_batch=settings.speculative_max_batch,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id or Path(model_dir).name)
         return cls(model, config, tokenizer, cfg, metrics)
@@ -230,7 +255,7 @@ class Engine:
         for request_id in aborts:
             self._abort(request_id, events)
 
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self._propose_drafts())
         if plan.preempted:
             self.metrics.num_preemptions.inc(len(plan.preempted))
         self.metrics.prefix_cache_queries.inc(plan.prefix_query_tokens)
@@ -242,10 +267,7 @@ class Engine:
                 if r.first_scheduled_at is None:
                     r.first_scheduled_at = now
                     self.metrics.request_queue_time.observe(now - r.arrival)
-            sampled = self._forward_and_sample(plan)
-            now = time.monotonic()
-            for choice, token in sampled:
-                self._on_token(choice, token, now, events)
+            self._forward_and_sample(plan, events)
         self._update_gauges()
         return events
 
@@ -330,6 +352,11 @@ class Engine:
         reason = self.scheduler.fits(len(prompt) + max_tokens)
         if reason is not None:
             raise RequestError("kv_cache_exceeded", reason)
+        try:
+            spec = resolve_request(p.speculative, self._default_spec.method, self._default_spec.num_tokens,
+                                   list(self.proposers))  # fmt: skip
+        except ValueError as exc:
+            raise RequestError("invalid_request", str(exc)) from exc
         r = _Request(req, _arrival(req.created))
         for i in range(p.n):
             # a resumed choice continues after the tokens its client already has (recomputed like a preemption)
@@ -341,7 +368,10 @@ class Engine:
             except ValueError as exc:
                 raise RequestError("invalid_request", str(exc)) from exc
             detok = IncrementalDetokenizer(self.tokenizer.tokenizer, prompt + streamed)
-            r.choices.append(_Choice(req.id, i, seq, sampling, detok, stop, finished=i in req.finished_choices))
+            draft_length = AdaptiveDraftLength(spec.num_tokens) if spec.enabled else None
+            r.choices.append(
+                _Choice(req.id, i, seq, sampling, detok, stop, spec, draft_length, finished=i in req.finished_choices)
+            )
         return r
 
     def _abort(self, request_id: str, events: list[Event]) -> None:
@@ -352,16 +382,77 @@ class Engine:
             if not c.finished:
                 self._finish(r, c, "abort", None, events)
 
+    # -- speculation ------------------------------------------------------------------------------------------------
+    def _propose_drafts(self) -> dict[str, list[int]]:
+        """Guessed next tokens for the sequences that will decode this step, by seq_id (see speculative.py)."""
+        decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed == 1]
+        if len(decoding) > self.cfg.speculative_max_batch:
+            return {}  # a big batch already keeps the device busy: verify rows would cost more than they save
+        by_method: dict[str, list[DraftRequest]] = {}
+        for seq in decoding:
+            c = self._choices[seq.seq_id]
+            if c.draft_length is None:
+                continue
+            # a verification adds the kept guesses plus one token of its own: stay within max_tokens
+            k = min(c.draft_length.next_length(), seq.max_tokens - len(seq.output_ids) - 1)
+            if k > 0:
+                by_method.setdefault(c.spec.method, []).append(
+                    DraftRequest(seq.seq_id, seq.prompt_ids + seq.output_ids, k)
+                )
+        drafts: dict[str, list[int]] = {}
+        for method, requests in by_method.items():
+            guesses = self.proposers[method].propose(requests)
+            for request, tokens in zip(requests, guesses, strict=True):
+                if tokens:
+                    drafts[request.seq_id] = list(tokens[: request.num_tokens])
+        return drafts
+
+    def _verify(self, c: _Choice, draft: list[int], logits: torch.Tensor, now: float, events: list[Event]) -> None:
+        """Emit what one speculative chunk yields: logits [len(draft) + 1, V] at its positions, guesses kept one by
+        one (each token is appended before the next position is judged, so penalties and stops see it as if
+        sampled alone), up to the first rejection, a stop, or the bonus token after the last guess."""
+        accepted = 0
+        for i in range(len(draft) + 1):
+            guess = draft[i] if i < len(draft) else None
+            token = verify_token(logits[i : i + 1], c.sampling, guess)
+            kept = guess is not None and int(token.token_id) == guess
+            if kept:
+                self.scheduler.accept_draft_token(c.seq)
+                accepted += 1
+            self._on_token(c, token, now, events)
+            if c.finished or not kept:
+                break
+        self.scheduler.discard_draft_pages(c.seq)
+        if c.draft_length is not None:
+            c.draft_length.update(len(draft), accepted)
+        self.metrics.spec_decode_verified(c.spec.method, len(draft), accepted)
+
     # -- one forward --------------------------------------------------------------------------------------------------
-    def _forward_and_sample(self, plan: StepPlan) -> list[tuple[_Choice, SampledToken]]:
+    def _forward_and_sample(self, plan: StepPlan, events: list[Event]) -> None:
+        """Run the plan's forward, then emit every sampling sequence's token(s): one plain draw per sequence without
+        guesses, all in one batch; a verification per sequence with guesses."""
         batch = build_forward_batch(plan, self.device)
         with torch.inference_mode():
             logits = self.model.forward(batch, self.cache)
-            choices = [self._choices[item.seq.seq_id] for item in plan.scheduled if item.samples]
-            if not choices:
-                return []
-            tokens = sample(logits, [c.sampling for c in choices])
-        return list(zip(choices, tokens, strict=True))
+            plain: list[tuple[_Choice, int]] = []
+            speculative: list[tuple[_Choice, ScheduledSeq, int]] = []
+            row = 0
+            for item in plan.scheduled:
+                if not item.samples:
+                    continue
+                c = self._choices[item.seq.seq_id]
+                if item.draft_ids:
+                    speculative.append((c, item, row))
+                else:
+                    plain.append((c, row))
+                row += 1 + len(item.draft_ids)
+            plain_logits = logits[[r for _, r in plain]] if speculative else logits  # no copy without guesses
+            tokens = sample(plain_logits, [c.sampling for c, _ in plain]) if plain else []
+            now = time.monotonic()
+            for (c, _), token in zip(plain, tokens, strict=True):
+                self._on_token(c, token, now, events)
+            for c, item, start in speculative:
+                self._verify(c, item.draft_ids, logits[start : start + 1 + len(item.draft_ids)], now, events)
 
     # -- per token ----------------------------------------------------------------------------------------------------
     def _on_token(self, c: _Choice, token: SampledToken, now: float, events: list[Event]) -> None:
@@ -489,8 +580,8 @@ def build_forward_batch(plan: StepPlan, device: torch.device) -> ForwardBatch:
         positions += item.positions
         slots += item.slot_mapping
         tables[row, : len(item.block_table)] = torch.tensor(item.block_table, dtype=torch.int64)
-        if item.samples:
-            logits_rows.append(len(input_ids) - 1)
+        if item.samples:  # the last known token's row, and one per guess after it
+            logits_rows += range(len(input_ids) - 1 - len(item.draft_ids), len(input_ids))
 
     def as_tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)

@@ -13,6 +13,7 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0,
 )  # fmt: skip
+ACCEPTANCE_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999, 1.0)  # 0.999: "all but the last"
 
 
 class WorkerMetrics:
@@ -63,9 +64,32 @@ class WorkerMetrics:
         self.request_queue_time = histogram("trellis_request_queue_time_seconds", "Arrival to first scheduled.")
         self.request_prefill_time = histogram("trellis_request_prefill_time_seconds", "First scheduled to first token.")
         self.request_decode_time = histogram("trellis_request_decode_time_seconds", "First token to the last one.")
+        spec_labels = ["model", "method"]
+        self._spec_drafts = Counter(
+            "trellis_spec_decode_num_drafts", "Speculative drafts verified.", spec_labels, registry=registry
+        )
+        self._spec_draft_tokens = Counter(
+            "trellis_spec_decode_num_draft_tokens", "Guessed tokens verified.", spec_labels, registry=registry
+        )
+        self._spec_accepted_tokens = Counter(
+            "trellis_spec_decode_num_accepted_tokens", "Guessed tokens the target model kept.", spec_labels,
+            registry=registry,
+        )  # fmt: skip
+        self._spec_acceptance_ratio = Histogram(
+            "trellis_spec_decode_acceptance_ratio", "Kept / guessed tokens of one verification.", spec_labels,
+            registry=registry, buckets=ACCEPTANCE_BUCKETS,
+        )  # fmt: skip
 
     def request_success(self, finish_reason: str) -> None:
         self._request_success.labels(model=self.model, finish_reason=finish_reason).inc()
+
+    def spec_decode_verified(self, method: str, proposed: int, accepted: int) -> None:
+        """One speculative verification of ``proposed`` guessed tokens, ``accepted`` of them kept."""
+        labels = {"model": self.model, "method": method}
+        self._spec_drafts.labels(**labels).inc()
+        self._spec_draft_tokens.labels(**labels).inc(proposed)
+        self._spec_accepted_tokens.labels(**labels).inc(accepted)
+        self._spec_acceptance_ratio.labels(**labels).observe(accepted / proposed if proposed else 0.0)
 
 
 class ServiceMetrics:

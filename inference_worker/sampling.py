@@ -267,3 +267,28 @@ def _results(
         else:
             out.append(SampledToken(ids[row], None, None))
     return out
+
+
+def verify_token(logits: torch.Tensor, state: SamplingState, draft: int | None) -> SampledToken:
+    """The token one position of a speculative chunk yields, given the proposer's guess ``draft`` for it.
+
+    ``logits`` [1, V] are the target model's at that position, ``state`` already holds every token before it, so
+    logit_bias, penalties, temperature and the cut-offs apply exactly as in ``sample``. Greedy: the argmax (the guess
+    is kept when it is the argmax). Sampled, with the guess a point mass q: keep it with probability p(guess), else
+    draw from the residual max(0, p - q), i.e. p without the guess, renormalized; the token is distributed as p
+    either way. No guess (the bonus position): a plain draw. Returns the token with its logprobs as ``sample`` does.
+    """
+    p = state.params
+    if draft is None or p.greedy:
+        return sample(logits, [state])[0]
+    logits = logits.float()
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if _wants_logprobs(p) else None
+    probs = _filtered_probs(processed_logits(logits, [state]), [p])
+    accept = float(torch.rand((), generator=state.generator, device=probs.device)) < float(probs[0, draft])
+    if accept:
+        token = torch.tensor([draft], device=probs.device)
+    else:
+        residual = probs.clone()
+        residual[0, draft] = 0.0
+        token = _exponential_race(residual / residual.sum(dim=-1, keepdim=True), [state.generator])
+    return _results(token, raw_logprobs, [p])[0]

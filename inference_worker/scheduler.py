@@ -11,6 +11,12 @@ Pages are allocated on demand as a sequence's cached length grows. When a runnin
 free, the most recently admitted running sequence is preempted: its pages are freed and it goes back to the front of
 the waiting queue, to be recomputed later from prompt + the tokens generated so far. Nothing is ever dropped.
 
+Speculative decoding: ``schedule(drafts)`` feeds a decoding sequence its guessed next tokens after its last one, as
+long as budget and free pages allow (never preempting for a guess). Their K/V are written but not counted in
+``num_computed`` until the engine keeps them one by one (``accept_draft_token``); ``discard_draft_pages`` then frees the
+pages only rejected guesses used. So ``num_computed`` only ever counts verified tokens and the prefix cache, which
+publishes from it, never sees a guess.
+
 Prefix reuse (inference_worker/prefix_cache.py): a sequence being admitted first takes the cached pages that hold the
 longest prefix of its known tokens, and computes only the rest. Full pages are published to the cache once the
 forward that wrote them is done (at the next ``schedule``, or when the sequence finishes or is preempted), so a page
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from inference_worker.prefix_cache import PageHash, PagePool, page_hash
@@ -50,8 +57,7 @@ class Sequence:
     num_preemptions: int = 0
     num_cached_tokens: int = 0  # tokens its last admission found in the prefix cache instead of computing them
     # Names of the full pages of its known tokens (prefix_cache.page_hash), filled lazily. Tokens are only ever
-    # appended, so they stay valid. Anything that takes tokens back (rejected speculative tokens) must truncate this
-    # list and must not rewrite a page already published (num_published_pages): others may be reading it.
+    # appended (speculative guesses never become known tokens unless kept), so they stay valid.
     page_hashes: list[PageHash] = field(default_factory=list)
     num_published_pages: int = 0  # leading pages of ``pages`` already registered in the prefix cache
 
@@ -83,6 +89,7 @@ class ScheduledSeq:
     slot_mapping: list[int]  # page * page_size + offset where each new token's K/V go
     block_table: list[int]  # the sequence's pages, in order
     samples: bool  # True when this chunk reaches the end of the known tokens: the step samples a token for it
+    draft_ids: list[int] = field(default_factory=list)  # guessed tokens fed after the last known one (the tail)
 
     @property
     def query_len(self) -> int:
@@ -196,6 +203,23 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         del self._live[seq.seq_id]
 
+    def accept_draft_token(self, seq: Sequence) -> None:
+        """The next guessed token fed for seq was kept: its K/V (already written) now count as computed. Call it
+        before appending the token to seq's output."""
+        if seq.num_computed != seq.num_tokens:
+            raise RuntimeError(f"sequence {seq.seq_id!r} has no fed guess at position {seq.num_tokens} to accept")
+        seq.num_computed += 1
+
+    def discard_draft_pages(self, seq: Sequence) -> None:
+        """After verification: free seq's pages past its known tokens (held only by rejected guesses). The rejected
+        guesses' slots in the kept pages are simply overwritten later, as num_computed stops before them."""
+        if seq.status is not SeqStatus.RUNNING:
+            return  # finished (pages already freed) or preempted
+        keep = _pages_for(seq.num_tokens, self.page_size)
+        if len(seq.pages) > keep:
+            self.pool.release(reversed(seq.pages[keep:]))
+            del seq.pages[keep:]
+
     def clear_prefix_cache(self) -> None:
         """Forget every cached page (after a failed forward, whatever it was writing is not trustworthy)."""
         self.pool.clear_index()
@@ -245,11 +269,14 @@ class Scheduler:
         return self.pool.lookup(self._page_hash(seq, i) for i in range(full_pages))  # hashes only up to a miss
 
     # -- one step -----------------------------------------------------------------------------------------------------
-    def schedule(self) -> StepPlan:
+    def schedule(self, drafts: Mapping[str, list[int]] | None = None) -> StepPlan:
+        """This step's plan. ``drafts``: guessed next tokens by seq_id, fed after decoding sequences' last token."""
+        drafts = drafts or {}
         for seq in self.running:  # the previous plan's forward has run: its full pages can be found now
             self._publish(seq)
         budget = self.max_batch_tokens
         chunks: dict[Sequence, int] = {}  # insertion order is the order of the forward
+        fed_drafts: dict[Sequence, list[int]] = {}
         preempted: list[Sequence] = []
         query_tokens = hit_tokens = 0
 
@@ -276,6 +303,11 @@ class Scheduler:
             if new_tokens > 0 and grow(seq, new_tokens):
                 chunks[seq] = new_tokens
                 budget -= new_tokens
+        # guesses only take what the sure tokens left: pages free now and budget, never a preemption
+        for seq in decoding:
+            if seq in chunks and drafts.get(seq.seq_id):
+                fed_drafts[seq] = self._fit_draft(seq, drafts[seq.seq_id], budget)
+                budget -= len(fed_drafts[seq])
 
         # Admit FIFO; not in a step that had to preempt (the freed pages are what the running ones just needed).
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -301,21 +333,33 @@ class Scheduler:
                 query_tokens += seq.num_tokens
                 hit_tokens += cached
 
-        plan = StepPlan([self._materialize(seq, n) for seq, n in chunks.items()], preempted, query_tokens, hit_tokens)
+        items = [self._materialize(seq, n, fed_drafts.get(seq, [])) for seq, n in chunks.items()]
+        plan = StepPlan(items, preempted, query_tokens, hit_tokens)
         self.num_scheduled_tokens += plan.num_tokens
         return plan
 
-    def _materialize(self, seq: Sequence, new_tokens: int) -> ScheduledSeq:
+    def _fit_draft(self, seq: Sequence, draft: list[int], budget: int) -> list[int]:
+        """The longest head of ``draft`` that fits in the budget and in pages free now (no preemption for a guess);
+        the pages it needs are taken."""
+        room = (len(seq.pages) + self.pool.num_free) * self.page_size - seq.num_tokens
+        draft = list(draft[: max(0, min(budget, room))])
+        if draft:
+            needed = _pages_for(seq.num_tokens + len(draft), self.page_size) - len(seq.pages)
+            seq.pages.extend(self.pool.allocate(needed))
+        return draft
+
+    def _materialize(self, seq: Sequence, new_tokens: int, draft: list[int]) -> ScheduledSeq:
         start, stop = seq.num_computed, seq.num_computed + new_tokens
         ps = self.page_size
-        positions = list(range(start, stop))
+        positions = list(range(start, stop + len(draft)))
         item = ScheduledSeq(
             seq=seq,
-            token_ids=seq.tokens(start, stop),
+            token_ids=seq.tokens(start, stop) + draft,
             positions=positions,
             slot_mapping=[seq.pages[p // ps] * ps + p % ps for p in positions],
             block_table=list(seq.pages),
             samples=stop == seq.num_tokens,
+            draft_ids=draft,
         )
-        seq.num_computed = stop  # the forward of this plan writes these tokens' K/V
+        seq.num_computed = stop  # the forward of this plan writes these tokens' K/V (guesses count once accepted)
         return item

@@ -74,6 +74,10 @@ class Settings:
     kv_page_size: int = 16
     kv_bits: str = "fp16"  # "fp16" (unquantized, the model's dtype) or "K,V" bits per key and value, each 2..8 or fp16
     prefix_caching: bool = True  # reuse the KV pages of a prompt prefix computed before (chat turns, system prompts)
+    # speculative decoding (docs/speculative.md): the default for requests that do not set "speculative"
+    speculative_method: str = "off"  # off | ngram (prompt lookup) | draft
+    speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
+    speculative_max_batch: int = 16  # with more decoding sequences than this, no sequence speculates
     max_model_len: int = 0  # 0: the model's own context length
     heartbeat_seconds: float = 2.0
     # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner

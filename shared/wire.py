@@ -14,6 +14,9 @@ from typing import Any
 
 import msgpack
 
+SPECULATIVE_METHODS = ("off", "ngram", "draft")
+MAX_SPECULATIVE_TOKENS = 16  # longest draft a request may ask for: beyond this a miss wastes more than a hit saves
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +37,9 @@ class SamplingParams:
     logprobs: bool = False  # return the sampled token's logprob
     top_logprobs: int = 0  # and this many alternatives per position
     n: int = 1
+    # per-request speculative decoding: {"method": "off" | "ngram" | "draft", "num_tokens": k}, each key optional;
+    # None (or a key left out) takes the worker's setting (TRELLIS_SPECULATIVE_METHOD / _TOKENS)
+    speculative: dict[str, Any] | None = None
 
     @property
     def greedy(self) -> bool:

@@ -101,6 +101,17 @@ def test_eight_concurrent_greedy_requests_match_their_solo_outputs(client: opena
     assert together == solo
 
 
+def test_ngram_speculation_through_the_api_keeps_greedy_output(client: openai.OpenAI) -> None:
+    prompt = "Copy this list exactly: red, green, blue, yellow, purple, orange.\nCopy: red, green, blue,"
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=16, temperature=0)
+    fast = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=16, temperature=0,
+        extra_body={"speculative": {"method": "ngram", "num_tokens": 4}},
+    )  # fmt: skip
+    assert fast.choices[0].text == plain.choices[0].text
+    assert fast.usage.completion_tokens == plain.usage.completion_tokens == 16
+
+
 async def test_websocket_streams_two_interleaved_requests_on_one_socket(base_url: str) -> None:
     bodies = {
         "a": {"model": MODEL, "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 12,
@@ -156,6 +167,9 @@ def test_cancelled_stream_frees_its_worker_slot(client: openai.OpenAI, base_url:
         ({"model": MODEL, "prompt": "hi", "max_tokens": 10_000_000}, 400, "max_tokens"),
         ({"model": MODEL}, 400, "prompt"),
         ({"model": "no-such-model", "prompt": "hi"}, 404, "model"),
+        ({"model": MODEL, "prompt": "hi", "speculative": {"method": "medusa"}}, 400, "speculative.method"),
+        ({"model": MODEL, "prompt": "hi", "speculative": {"num_tokens": 99}}, 400, "speculative.num_tokens"),
+        ({"model": MODEL, "prompt": "hi", "speculative": "on"}, 400, "speculative"),
     ],
 )
 def test_bad_completion_requests_get_openai_error_bodies(base_url: str, body: dict, status: int, param: str) -> None:

@@ -1,0 +1,150 @@
+"""Speculative decoding: cheap guesses of a sequence's next tokens, verified by the target model in the batched step.
+
+A *proposer* guesses up to k tokens per decoding sequence. The engine feeds ``[last token, guess 1..k]`` as one chunk
+of the step's ragged forward (the chunked-prefill path), gets logits at every position, and keeps the guesses the
+target model agrees with (inference_worker/sampling.py ``verify_token``), plus one token of its own. Greedy output is
+unchanged; sampled output keeps the target distribution.
+
+Proposers here:
+- ``NgramProposer`` (prompt lookup): the tokens that followed the latest earlier occurrence of the sequence's suffix;
+  free, and very good on copy-heavy work (quoting, code edits, extraction).
+
+``AdaptiveDraftLength`` keeps each sequence's k in line with how often its guesses are accepted, and switches
+speculation off for a sequence while it does not pay.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from shared.wire import MAX_SPECULATIVE_TOKENS
+from shared.wire import SPECULATIVE_METHODS as METHODS
+
+
+@dataclass
+class DraftRequest:
+    seq_id: str
+    token_ids: Sequence[int]  # prompt + output so far
+    num_tokens: int  # the most tokens to propose
+
+
+class Proposer(ABC):
+    """Guesses the next tokens of many sequences at once (one call per engine step)."""
+
+    method: str
+
+    @abstractmethod
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        """Per request, at most ``num_tokens`` guessed next tokens (possibly none)."""
+
+    def forget(self, seq_id: str) -> None:  # noqa: B027 - optional hook: stateless proposers keep nothing
+        """The sequence finished or was preempted: drop whatever was kept for it."""
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: find the sequence's last n tokens earlier in its prompt + output (n from ``max_ngram`` down to
+    ``min_ngram``, latest occurrence first) and propose what followed them there."""
+
+    method = "ngram"
+
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+        if not 1 <= min_ngram <= max_ngram:
+            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {min_ngram} and {max_ngram}")
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        return [self.lookup(r.token_ids, r.num_tokens) for r in requests]
+
+    def lookup(self, token_ids: Sequence[int], k: int) -> list[int]:
+        if k < 1 or len(token_ids) < 2:
+            return []
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            # windows that start early enough to have at least one token after them, the suffix itself excluded
+            windows = np.lib.stride_tricks.sliding_window_view(tokens[:-1], n)
+            starts = np.flatnonzero((windows == tokens[-n:]).all(axis=1))
+            if starts.size:
+                follow = int(starts[-1]) + n
+                return tokens[follow : follow + k].tolist()
+        return []
+
+
+@dataclass
+class SpecRequest:
+    """One request's speculative settings, resolved against the worker's defaults."""
+
+    method: str
+    num_tokens: int
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "off" and self.num_tokens > 0
+
+
+def resolve_request(
+    override: Mapping[str, Any] | None, default_method: str, default_tokens: int, available: Sequence[str]
+) -> SpecRequest:
+    """A request's ``speculative`` field ({"method", "num_tokens"}, both optional) over the worker's defaults.
+    ValueError names what is wrong; ``available`` are the methods this worker can run."""
+    override = dict(override or {})
+    unknown = set(override) - {"method", "num_tokens"}
+    if unknown:
+        raise ValueError(f"speculative has unknown fields {sorted(unknown)}; allowed: method, num_tokens")
+    method = override.get("method", default_method)
+    if method not in METHODS:
+        raise ValueError(f"speculative method {method!r} is not one of {list(METHODS)}")
+    if method != "off" and method not in available:
+        raise ValueError(f"speculative method {method!r} is not available on this worker (it has {list(available)})")
+    num_tokens = override.get("num_tokens", default_tokens)
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
+        limit = MAX_SPECULATIVE_TOKENS
+        raise ValueError(f"speculative num_tokens must be an integer in [0, {limit}], got {num_tokens!r}")
+    return SpecRequest(method, num_tokens)
+
+
+class AdaptiveDraftLength:
+    """One sequence's draft length, following an exponential moving average of its acceptance rate.
+
+    High acceptance grows k towards the request's maximum, low acceptance shrinks it; when even one guessed token is
+    rarely right, speculation pauses for ``cooldown`` steps (the verify rows cost compute for nothing), then probes
+    again with one token.
+    """
+
+    SMOOTHING = 0.3  # weight of the newest verification
+    GROW_ABOVE = 0.7
+    SHRINK_BELOW = 0.4
+    PAUSE_BELOW = 0.15
+    COOLDOWN_STEPS = 16
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.num_tokens = max_tokens
+        self.acceptance = 0.5  # neutral start: neither grow nor shrink on no evidence
+        self.paused_steps = 0
+
+    def next_length(self) -> int:
+        """How many tokens to ask the proposer for this step (0: not speculating now)."""
+        if self.paused_steps > 0:
+            self.paused_steps -= 1
+            return 0
+        return self.num_tokens
+
+    def update(self, proposed: int, accepted: int) -> None:
+        """After verifying ``proposed`` guessed tokens, of which the first ``accepted`` were kept."""
+        if proposed < 1:
+            return
+        rate = accepted / proposed
+        self.acceptance = self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.acceptance
+        if self.acceptance < self.PAUSE_BELOW:
+            self.paused_steps = self.COOLDOWN_STEPS
+            self.num_tokens, self.acceptance = 1, 0.5  # the probe after the pause starts small, without history
+        elif self.acceptance < self.SHRINK_BELOW:
+            self.num_tokens = max(1, self.num_tokens - 1)
+        elif self.acceptance > self.GROW_ABOVE:
+            self.num_tokens = min(self.max_tokens, self.num_tokens + 1)
