@@ -1,15 +1,18 @@
-"""Convert a Llama-architecture model to EXL3, block by block, resumably.
+"""Convert a model of any supported family (Llama, Mistral, Qwen2, Qwen3, Mixtral, Qwen2-MoE, Qwen3-MoE) to EXL3,
+block by block, resumably.
 
 For each decoder block: run the calibration rows through it with its original weights, capturing the Hessian of
-every linear's input; quantize its seven linears (bits per the allocation plan, seeds derived from the block's
-tensor names); save the block's tensors to the work dir; run the rows through the *quantized* block to make the next
-block's inputs. Then the output head, then the output directory, assembled beside its final name and renamed into
-place last, so a directory under that name is always complete.
+every linear's input (MoE experts each see every row: quant/moe_capture.py); quantize its linears (attention, MLP,
+every expert and shared expert; bits per the allocation plan, seeds derived from the tensor names); save the block's
+tensors to the work dir (norms, and the MoE router and shared-expert gate unquantized); run the rows through the
+*quantized* block, with the model's real routing, to make the next block's inputs. Then the output head, then the
+output directory, assembled beside its final name and renamed into place last, so a directory under that name is
+always complete.
 
 The work dir is plain files anyone can ``ls``:
     args.json                the arguments that shape the result (a resume must repeat them)
     source/                  the imported model, when the input is a GGUF file
-    blocks/block-NNNN.safetensors   each finished block (quantized linears + norms; stats in the metadata)
+    blocks/block-NNNN.safetensors   each finished block (quantized linears, norms, router; stats in the metadata)
     checkpoint.pt            next block and the calibration state (hidden states), written atomically
     head.safetensors         the finished output head
     finished.json            written once the output directory is in place
@@ -45,15 +48,16 @@ from converter_worker.quant.bits import (
     check_bits,
     check_head_bits,
 )
-from converter_worker.quant.block import LINEARS, NORMS, CalibrationBlock, input_features, linear_prefix
+from converter_worker.quant.block import CalibrationBlock, build_calibration_block
 from converter_worker.quant.calibration import calibration_rows
 from converter_worker.quant.hessian import HessianAccumulator
+from converter_worker.quant.layout import norm_tensors, quantized_linears, routing_linears
 from converter_worker.quant.ldlq import TileQuantizer
 from converter_worker.quant.linear import LinearSpec, quantize_linears
 from converter_worker.quant.viterbi import quantize_tiles
-from inference_worker.layers import DenseLinear, RMSNorm, RotaryEmbedding
-from inference_worker.models.llama import SPEC as LLAMA_SPEC
-from inference_worker.models.llama import LlamaConfig
+from inference_worker.layers import DenseLinear, Linear, RMSNorm, RotaryEmbedding
+from inference_worker.models import ARCHITECTURES, find_spec
+from inference_worker.models.decoder import DecoderConfig
 from kernels.exl3_ref import CODEBOOKS, reconstruct_weight
 from shared.exl3_format import QUANT_CONFIG_FILE, QUANT_METHOD, exl3_tensors_to_dict, read_exl3_linear, tensor_storage
 from shared.exl3_synth import WRITER_VERSION
@@ -165,6 +169,15 @@ def _stored_dtype(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float16, torch.bfloat16) else t.to(torch.float16)
 
 
+def _weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every stored tensor's shape, from the safetensors headers alone (no weight is read)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            shapes.update({name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+    return shapes
+
+
 def linear_seed(seed: int, name: str) -> int:
     """Per-tensor seed: the same name and run seed give the same random signs, whatever ran before."""
     return zlib.crc32(f"{seed}:{name}".encode())
@@ -270,14 +283,19 @@ class Converter:
             raw = load_config(source_dir)
         except (OSError, ValueError) as exc:
             raise ConversionError(str(exc)) from exc
-        arch = (raw.get("architectures") or ["?"])[0]
-        if arch not in LLAMA_SPEC.architectures:
-            handled = ", ".join(LLAMA_SPEC.architectures)
-            raise ConversionError(f"{source_dir} holds a {arch} model; the converter handles {handled}")
+        try:
+            self.spec = find_spec(raw, source_dir)
+        except ValueError:
+            names = raw.get("architectures") or [f"model_type {raw.get('model_type')!r}"]
+            declared = " / ".join(str(n) for n in (names if isinstance(names, list) else [names]))
+            raise ConversionError(
+                f"{source_dir} holds a {declared} model, which the converter cannot convert "
+                f"(supported: {', '.join(ARCHITECTURES)})"
+            ) from None
         if raw.get("quantization_config"):
             raise ConversionError(f"{source_dir} is already quantized; convert from the original weights")
         try:
-            self.config = LlamaConfig.from_hf(raw)
+            self.config = DecoderConfig.from_hf(raw, self.spec)
         except ValueError as exc:
             raise ConversionError(f"{source_dir}/config.json: {exc}") from exc
         self.raw_config = raw
@@ -286,22 +304,18 @@ class Converter:
             self.source = TensorSource(source_dir)
         except Exception as exc:  # safetensors raises its own error type on a damaged header
             raise ConversionError(f"cannot read the weights of {source_dir}: {exc}") from exc
-        c = self.config
+        stored = _weight_shapes(source_dir)
         shapes = []
-        widths = {
-            "q_proj": (c.hidden_size, c.num_attention_heads * c.head_dim),
-            "k_proj": (c.hidden_size, c.num_key_value_heads * c.head_dim),
-            "v_proj": (c.hidden_size, c.num_key_value_heads * c.head_dim),
-            "o_proj": (c.num_attention_heads * c.head_dim, c.hidden_size),
-            "gate_proj": (c.hidden_size, c.intermediate_size),
-            "up_proj": (c.hidden_size, c.intermediate_size),
-            "down_proj": (c.intermediate_size, c.hidden_size),
-        }
-        for layer in range(c.num_hidden_layers):
-            for short, (_, _, group) in LINEARS.items():
-                shapes.append(LinearShape(linear_prefix(layer, short), layer, group, *widths[short]))
+        for layer in range(self.config.num_hidden_layers):
+            for q in quantized_linears(self.spec, self.config, layer):
+                weight = f"{q.name}.weight"
+                if weight not in stored or len(stored[weight]) != 2:
+                    raise ConversionError(f"{source_dir} lacks the 2-D tensor {weight}")
+                out_features, in_features = stored[weight]
+                shapes.append(LinearShape(q.name, layer, q.bit_group, in_features, out_features))
         self.shapes = shapes
-        self.plan = allocate_bits(shapes, self.opts.bits, c.num_hidden_layers)
+        self.features = {s.name: (s.in_features, s.out_features) for s in shapes}
+        self.plan = allocate_bits(shapes, self.opts.bits, self.config.num_hidden_layers)
 
     def _tensor(self, name: str) -> torch.Tensor:
         try:
@@ -342,49 +356,46 @@ class Converter:
     def _block_path(self, layer: int) -> Path:
         return self.work / BLOCKS_DIR / f"block-{layer:04d}.safetensors"
 
-    def _norms(self, layer: int) -> dict[str, torch.Tensor]:
-        return {f"model.layers.{layer}.{n}.weight": self._tensor(f"model.layers.{layer}.{n}.weight") for n in NORMS}
-
     def _rms(self, weight: torch.Tensor) -> RMSNorm:
         return RMSNorm(weight.to(self.device, torch.float32), self.config.rms_norm_eps)
 
+    def _kept_tensors(self, layer: int) -> dict[str, torch.Tensor]:
+        """The block's unquantized tensors: norms in 16 bits, the MoE router and shared-expert gate as the source
+        stores them (a rounded router could pick other experts)."""
+        kept = {name: _stored_dtype(self._tensor(name)) for name in norm_tensors(self.spec, layer)}
+        for prefix in routing_linears(self.spec, self.config, layer):
+            kept[f"{prefix}.weight"] = self._tensor(f"{prefix}.weight")
+            bias = self._optional(f"{prefix}.bias")
+            if bias is not None:
+                kept[f"{prefix}.bias"] = bias
+        return kept
+
+    def _calibration_block(
+        self, layer: int, tensor: Callable[[str], torch.Tensor], linear: Callable[[str], Linear]
+    ) -> CalibrationBlock:
+        def on_device(name: str) -> torch.Tensor:
+            return tensor(name).to(self.device, torch.float32)
+
+        return build_calibration_block(self.config, self.spec, layer, self.rotary, on_device, linear)
+
+    def _original_block(self, layer: int) -> CalibrationBlock:
+        def dense(prefix: str) -> Linear:
+            bias = self._optional(f"{prefix}.bias")
+            weight = self._tensor(f"{prefix}.weight").to(self.device, torch.float32)
+            return DenseLinear(weight, None if bias is None else bias.to(self.device, torch.float32))
+
+        return self._calibration_block(layer, self._tensor, dense)
+
     def _quantize_block(self, layer: int, state: torch.Tensor) -> None:
         t0 = time.monotonic()
-        norms = self._norms(layer)
-        weights, biases = {}, {}
-        for short in LINEARS:
-            prefix = linear_prefix(layer, short)
-            weights[short] = self._tensor(f"{prefix}.weight")
-            biases[short] = self._optional(f"{prefix}.bias")
-
-        def on_device(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(self.device, torch.float32)
-
-        dense = {s: DenseLinear(on_device(w), on_device(biases[s])) for s, w in weights.items()}
-        block = CalibrationBlock(
-            self.config,
-            dense,
-            self._rms(norms[f"model.layers.{layer}.input_layernorm.weight"]),
-            self._rms(norms[f"model.layers.{layer}.post_attention_layernorm.weight"]),
-            self.rotary,
-        )
-        capture = {point: HessianAccumulator(n, self.device) for point, n in input_features(self.config).items()}
-        block.forward(state, capture)
+        hessians = self._original_block(layer).capture_hessians(state)
         specs = []
-        for short, (_, point, _) in LINEARS.items():
-            name = linear_prefix(layer, short)
-            specs.append(
-                LinearSpec(
-                    name,
-                    weights[short],
-                    self.plan[name],
-                    linear_seed(self.opts.seed, name),
-                    capture[point].hessian(),
-                    biases[short],
-                )
-            )
+        for q in quantized_linears(self.spec, self.config, layer):
+            weight, bias = self._tensor(f"{q.name}.weight"), self._optional(f"{q.name}.bias")
+            seed = linear_seed(self.opts.seed, q.name)
+            specs.append(LinearSpec(q.name, weight, self.plan[q.name], seed, hessians[q.name], bias))
         results = quantize_linears(specs, self.opts.codebook, self.device, tile_quantizer(self.device))
-        tensors = {name: _stored_dtype(t) for name, t in norms.items()}
+        tensors = self._kept_tensors(layer)
         stats = {}
         for r in results:
             tensors.update(exl3_tensors_to_dict(r.name, r.tensors))
@@ -407,32 +418,19 @@ class Converter:
 
     def _quantized_block(self, layer: int) -> CalibrationBlock:
         tensors = load_file(str(self._block_path(layer)))
-        c = self.config
-        features = input_features(c)
-        outs = {
-            "q_proj": c.num_attention_heads * c.head_dim,
-            "k_proj": c.num_key_value_heads * c.head_dim,
-            "v_proj": c.num_key_value_heads * c.head_dim,
-            "o_proj": c.hidden_size,
-            "gate_proj": c.intermediate_size,
-            "up_proj": c.intermediate_size,
-            "down_proj": c.hidden_size,
-        }
-        linears = {}
-        for short, (_, point, _) in LINEARS.items():
-            t = read_exl3_linear(tensors, linear_prefix(layer, short), features[point], outs[short]).to(self.device)
+
+        def decoded(prefix: str) -> Linear:
+            if f"{prefix}.trellis" not in tensors:  # the shared-expert gate, kept dense
+                bias = tensors.get(f"{prefix}.bias")
+                weight = tensors[f"{prefix}.weight"].to(self.device, torch.float32)
+                return DenseLinear(weight, None if bias is None else bias.to(self.device, torch.float32))
+            t = read_exl3_linear(tensors, prefix, *self.features[prefix]).to(self.device)
             # the bit-exact decode, in float32 (the serving kernels may round activations to 16 bits)
             w = reconstruct_weight(t.trellis, t.suh, t.svh, t.codebook)[: t.in_features, : t.out_features]
             bias = None if t.bias is None else t.bias.float()
-            linears[short] = DenseLinear(w.t().float().contiguous(), bias)
-        p = f"model.layers.{layer}"
-        return CalibrationBlock(
-            c,
-            linears,
-            self._rms(tensors[f"{p}.input_layernorm.weight"]),
-            self._rms(tensors[f"{p}.post_attention_layernorm.weight"]),
-            self.rotary,
-        )
+            return DenseLinear(w.t().float().contiguous(), bias)
+
+        return self._calibration_block(layer, tensors.__getitem__, decoded)
 
     # head -------------------------------------------------------------------------------------------------------------
 
@@ -530,7 +528,7 @@ class Converter:
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / WEIGHTS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
 
-        features = {s.name: (s.in_features, s.out_features) for s in self.shapes}
+        features = dict(self.features)
         features["lm_head"] = (self.config.hidden_size, self.config.vocab_size)
         qcfg = {
             "quant_method": QUANT_METHOD,

@@ -4,6 +4,9 @@ Every linear starts at floor(target). Whole groups are then promoted by one bit 
 together, down), in priority order, while the average stays within the target: attention before MLP (attention
 is a small share of the weights and sensitive), and within each kind the layers nearest the ends of the stack first
 (the first and last layers are the most sensitive to quantization error).
+
+In a mixture-of-experts layer a group spans every expert (quant/layout.py): all gate/up of the layer, experts and
+shared expert, are one group and all downs another, so every expert of a layer gets the same K per projection.
 """
 
 from __future__ import annotations

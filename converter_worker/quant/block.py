@@ -1,9 +1,11 @@
-"""One Llama decoder block run over calibration rows, recording the Hessian of every linear's input.
+"""One decoder block of any supported family, run over calibration rows by the serving model's own block code.
 
-The converter runs each block twice: with its original weights (to capture H = X^T X / n at the four input points
-q/k/v, o, gate/up and down) and with its quantized weights (to produce the next block's inputs). Rows are
-independent sequences, so attention is plain causal SDPA per row; norms and rotary embeddings are the serving
-model's own (inference_worker.layers). Quantized linears are their bit-exact decoded weights, run in float32.
+The converter runs each block twice: with its original weights, recording the Hessian of every linear's input
+(``capture_hessians``), and with its quantized weights, to produce the next block's inputs (``forward``). The block
+is built by ``inference_worker.models.decoder.build_block`` from the family's spec, so q/k/v biases (Qwen2), per-head
+q/k norms (Qwen3), sliding windows (Mistral, Qwen2 where the config sets one), rope scaling (Llama 3) and MoE routing
+are the serving model's. Only attention is done here: rows are independent sequences that attend causally over
+themselves, with no KV cache. Quantized linears are their bit-exact decoded weights, run in float32.
 """
 
 from __future__ import annotations
@@ -13,92 +15,115 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from converter_worker.quant.hessian import HessianAccumulator
-from inference_worker.layers import RMSNorm, RotaryEmbedding, apply_rotary
-from inference_worker.models.llama import LlamaConfig
+from converter_worker.quant.capture import InputCapture
+from converter_worker.quant.layout import QuantizedLinear, quantized_linears
+from converter_worker.quant.moe_capture import routed_output, run_every_expert
+from inference_worker.layers import Linear, RotaryEmbedding
+from inference_worker.models.decoder import Block, DecoderConfig, build_block
+from inference_worker.models.spec import ArchSpec
+from inference_worker.moe import SparseMoe
 
-# short name -> (module path inside the block, Hessian input point, bit-allocation group)
-LINEARS = {
-    "q_proj": ("self_attn.q_proj", "attn_in", "qkv"),
-    "k_proj": ("self_attn.k_proj", "attn_in", "qkv"),
-    "v_proj": ("self_attn.v_proj", "attn_in", "qkv"),
-    "o_proj": ("self_attn.o_proj", "o_in", "o"),
-    "gate_proj": ("mlp.gate_proj", "mlp_in", "gate_up"),
-    "up_proj": ("mlp.up_proj", "mlp_in", "gate_up"),
-    "down_proj": ("mlp.down_proj", "down_in", "down"),
-}
-NORMS = ("input_layernorm", "post_attention_layernorm")
 TOKENS_PER_CHUNK = 8192  # rows are pushed through in chunks of about this many tokens, bounding activation memory
 
 
-def linear_prefix(layer: int, short: str) -> str:
-    return f"model.layers.{layer}.{LINEARS[short][0]}"
-
-
-def input_features(config: LlamaConfig) -> dict[str, int]:
-    """Width of each Hessian input point."""
-    return {
-        "attn_in": config.hidden_size,
-        "o_in": config.num_attention_heads * config.head_dim,
-        "mlp_in": config.hidden_size,
-        "down_in": config.intermediate_size,
-    }
+def causal_mask(cols: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """Boolean [cols, cols], True where query i may see key j: j <= i, and j > i - window with a sliding window.
+    None without a window (SDPA's own causal mask is then used)."""
+    if window is None:
+        return None
+    pos = torch.arange(cols, device=device)
+    offset = pos[:, None] - pos[None, :]
+    return (offset >= 0) & (offset < window)
 
 
 class CalibrationBlock:
-    """A decoder block as plain callables: ``linears`` maps short names (q_proj, ...) to modules x -> x W^T + b."""
+    """A decoder ``Block`` plus what calibration needs: ``linears`` maps the Hugging Face prefix of every linear in the
+    block to its module, ``quantized`` lists those stored as EXL3 with their input groups."""
 
     def __init__(
-        self,
-        config: LlamaConfig,
-        linears: dict[str, Callable[[torch.Tensor], torch.Tensor]],
-        attn_norm: RMSNorm,
-        mlp_norm: RMSNorm,
-        rotary: RotaryEmbedding,
+        self, block: Block, linears: dict[str, Linear], quantized: list[QuantizedLinear], rotary: RotaryEmbedding
     ) -> None:
-        missing = sorted(set(LINEARS) - set(linears))
+        missing = sorted({q.name for q in quantized} - set(linears))
         if missing:
-            raise ValueError(f"a Llama block needs the linears {', '.join(missing)}")
-        self.config, self.linears, self.rotary = config, linears, rotary
-        self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
+            raise ValueError(f"the block lacks the linears {', '.join(missing)}")
+        self.block, self.linears, self.quantized, self.rotary = block, linears, quantized, rotary
+
+    @property
+    def moe(self) -> SparseMoe | None:
+        return self.block.mlp if isinstance(self.block.mlp, SparseMoe) else None
 
     def _attention(self, h: torch.Tensor) -> torch.Tensor:
+        """h [rows, cols, hidden] (normalised) -> attention output before o_proj, [rows, cols, heads * head_dim]."""
         rows, cols, _ = h.shape
-        c = self.config
-        flat = h.reshape(rows * cols, -1)
-        q = self.linears["q_proj"](flat).view(rows * cols, c.num_attention_heads, c.head_dim)
-        k = self.linears["k_proj"](flat).view(rows * cols, c.num_key_value_heads, c.head_dim)
-        v = self.linears["v_proj"](flat).view(rows * cols, c.num_key_value_heads, c.head_dim)
+        attn = self.block.attn
         cos, sin = self.rotary(torch.arange(cols, device=h.device).repeat(rows), h.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        group = c.num_attention_heads // c.num_key_value_heads
+        q, k, v = attn.project(h.reshape(rows * cols, -1), cos, sin)
+        group = attn.num_heads // attn.num_kv_heads
 
         def per_row(t: torch.Tensor) -> torch.Tensor:  # [rows*cols, heads, d] -> [rows, heads, cols, d]
-            return t.view(rows, cols, t.shape[1], c.head_dim).transpose(1, 2)
+            return t.view(rows, cols, t.shape[1], attn.head_dim).transpose(1, 2)
 
         keys = per_row(k).repeat_interleave(group, dim=1)
         values = per_row(v).repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(per_row(q), keys, values, is_causal=True)
-        return out.transpose(1, 2).reshape(rows, cols, c.num_attention_heads * c.head_dim)
+        mask = causal_mask(cols, attn.window, h.device)
+        out = F.scaled_dot_product_attention(per_row(q), keys, values, attn_mask=mask, is_causal=mask is None)
+        return out.transpose(1, 2).reshape(rows, cols, attn.num_heads * attn.head_dim)
 
-    def _chunk(self, x: torch.Tensor, capture: dict[str, HessianAccumulator] | None) -> torch.Tensor:
-        h = self.attn_norm(x)
-        if capture is not None:
-            capture["attn_in"].add(h)
-        attn = self._attention(h)
-        if capture is not None:
-            capture["o_in"].add(attn)
-        x = x + self.linears["o_proj"](attn)
-        h = self.mlp_norm(x)
-        if capture is not None:
-            capture["mlp_in"].add(h)
-        act = F.silu(self.linears["gate_proj"](h)) * self.linears["up_proj"](h)
-        if capture is not None:
-            capture["down_in"].add(act)
-        return x + self.linears["down_proj"](act)
+    def _attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual stream after attention, the MLP's normalised input) for x [rows, cols, hidden]."""
+        x = x + self.block.attn.o_proj(self._attention(self.block.attn_norm(x)))
+        return x, self.block.mlp_norm(x)
+
+    def _forward_chunk(self, x: torch.Tensor) -> torch.Tensor:
+        x, h = self._attend(x)
+        moe = self.moe
+        if moe is None:
+            return x + self.block.mlp(h)
+        return x + routed_output(moe, h.reshape(-1, h.shape[-1])).view_as(h)
+
+    def _capture_chunk(self, x: torch.Tensor) -> None:
+        _, h = self._attend(x)
+        moe = self.moe
+        if moe is None:
+            self.block.mlp(h)
+        else:
+            run_every_expert(moe, h.reshape(-1, h.shape[-1]))
+
+    @staticmethod
+    def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return x.split(max(1, TOKENS_PER_CHUNK // x.shape[1]))
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, capture: dict[str, HessianAccumulator] | None = None) -> torch.Tensor:
-        """x [rows, cols, hidden] -> the block's output, same shape; ``capture`` accumulates the four inputs."""
-        rows_per_chunk = max(1, TOKENS_PER_CHUNK // x.shape[1])
-        return torch.cat([self._chunk(part, capture) for part in x.split(rows_per_chunk)])
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, cols, hidden] -> the block's output, same shape, with the model's own MoE routing."""
+        return torch.cat([self._forward_chunk(part) for part in self._chunks(x)])
+
+    @torch.no_grad()
+    def capture_hessians(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """H = X^T X / n of the input of every quantized linear (by name) over the rows x [rows, cols, hidden];
+        linears that read the same input share one tensor. MoE experts all see every row (moe_capture.py)."""
+        capture = InputCapture(self.linears, {q.name: q.input_group for q in self.quantized}, x.device)
+        with capture.recording():
+            for part in self._chunks(x):
+                self._capture_chunk(part)
+        return capture.hessians()
+
+
+def build_calibration_block(
+    config: DecoderConfig,
+    spec: ArchSpec,
+    layer: int,
+    rotary: RotaryEmbedding,
+    tensor: Callable[[str], torch.Tensor],
+    linear: Callable[[str], Linear],
+) -> CalibrationBlock:
+    """Block ``layer`` built by the serving model's builder from ``tensor(name)`` (norms, router) and
+    ``linear(prefix)``: float32 originals for the capture, decoded quantized weights for the forward."""
+    linears: dict[str, Linear] = {}
+
+    def named_linear(prefix: str) -> Linear:
+        linears[prefix] = linear(prefix)
+        return linears[prefix]
+
+    block = build_block(config, spec, layer, tensor, named_linear)
+    return CalibrationBlock(block, linears, quantized_linears(spec, config, layer), rotary)

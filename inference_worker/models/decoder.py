@@ -9,6 +9,7 @@ families (q/k norms, sliding windows, mixture-of-experts MLPs, tensor names) is 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,18 +154,25 @@ class Attention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = q, k, v, o
         self.q_norm, self.k_norm = q_norm, k_norm
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache
-    ) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v [T, heads, head_dim] of x [T, hidden], q and k normalised (Qwen3) and rotated: everything before
+        attending, shared with the converter's calibration pass, which attends over whole rows without a cache."""
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:  # Qwen3: each head normalised before rotary
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch, cache: PagedKVCache
+    ) -> torch.Tensor:
+        q, k, v = self.project(x, cos, sin)
         out = attend_paged(q, k, v, cache, self.layer, batch, window=self.window)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -212,6 +220,47 @@ class DecoderModel(nn.Module):
         return self.head(self.norm(x)).float()
 
 
+def build_block(
+    config: DecoderConfig,
+    spec: ArchSpec,
+    layer: int,
+    tensor: Callable[[str], torch.Tensor],
+    linear: Callable[[str], Linear],
+) -> Block:
+    """Decoder block ``layer`` as ``spec`` lays it out; ``tensor(name)`` gives a plain tensor (norms, the router) and
+    ``linear(prefix)`` a linear, so the converter builds the same block from its own weights."""
+    p = spec.layer_prefix(layer)
+
+    def mlp(gate_up_down: tuple[str, str, str]) -> MLP:
+        return MLP(*(linear(prefix) for prefix in gate_up_down))
+
+    q_norm = k_norm = None
+    if spec.qk_norm:
+        q_norm = RMSNorm(tensor(f"{p}.self_attn.q_norm.weight"), config.rms_norm_eps)
+        k_norm = RMSNorm(tensor(f"{p}.self_attn.k_norm.weight"), config.rms_norm_eps)
+    attn = Attention(config, layer, *(linear(prefix) for prefix in spec.attention_linears(layer)), q_norm, k_norm)
+    if config.moe is not None and layer in config.moe.sparse_layers:
+        moe, moe_spec = config.moe, spec.moe
+        assert moe_spec is not None  # a MoeConfig is only parsed for families that declare a MoeSpec
+        shared = shared_gate = None
+        if moe_spec.shared_expert:
+            shared = mlp(moe_spec.shared(p))
+            shared_gate = linear(moe_spec.shared_gate(p))
+        ffn: MLP | SparseMoe = SparseMoe(
+            tensor(f"{moe_spec.router(p)}.weight"),
+            [mlp(moe_spec.expert(p, e)) for e in range(moe.num_experts)],
+            moe.top_k,
+            moe.norm_topk_prob,
+            shared,
+            shared_gate,
+        )
+    else:
+        ffn = mlp(spec.dense_mlp_linears(layer))
+    attn_norm = RMSNorm(tensor(f"{p}.input_layernorm.weight"), config.rms_norm_eps)
+    mlp_norm = RMSNorm(tensor(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps)
+    return Block(attn_norm, attn, mlp_norm, ffn)
+
+
 def build_decoder(
     config: DecoderConfig, spec: ArchSpec, source: TensorSource, dtype: torch.dtype, device: torch.device | str
 ) -> DecoderModel:
@@ -224,38 +273,7 @@ def build_decoder(
     def linear(prefix: str) -> Linear:
         return build_linear(prefix, source, dtype, device)
 
-    def mlp(gate_up_down: tuple[str, str, str]) -> MLP:
-        return MLP(*(linear(prefix) for prefix in gate_up_down))
-
-    blocks = []
-    for i in range(config.num_hidden_layers):
-        p = spec.layer_prefix(i)
-        q_norm = k_norm = None
-        if spec.qk_norm:
-            q_norm = RMSNorm(tensor(f"{p}.self_attn.q_norm.weight"), config.rms_norm_eps)
-            k_norm = RMSNorm(tensor(f"{p}.self_attn.k_norm.weight"), config.rms_norm_eps)
-        attn = Attention(config, i, *(linear(prefix) for prefix in spec.attention_linears(i)), q_norm, k_norm)
-        if config.moe is not None and i in config.moe.sparse_layers:
-            moe, moe_spec = config.moe, spec.moe
-            assert moe_spec is not None  # a MoeConfig is only parsed for families that declare a MoeSpec
-            shared = shared_gate = None
-            if moe_spec.shared_expert:
-                shared = mlp(moe_spec.shared(p))
-                shared_gate = linear(moe_spec.shared_gate(p))
-            ffn: MLP | SparseMoe = SparseMoe(
-                tensor(f"{moe_spec.router(p)}.weight"),
-                [mlp(moe_spec.expert(p, e)) for e in range(moe.num_experts)],
-                moe.top_k,
-                moe.norm_topk_prob,
-                shared,
-                shared_gate,
-            )
-        else:
-            ffn = mlp(spec.dense_mlp_linears(i))
-        attn_norm = RMSNorm(tensor(f"{p}.input_layernorm.weight"), config.rms_norm_eps)
-        mlp_norm = RMSNorm(tensor(f"{p}.post_attention_layernorm.weight"), config.rms_norm_eps)
-        blocks.append(Block(attn_norm, attn, mlp_norm, ffn))
-
+    blocks = [build_block(config, spec, i, tensor, linear) for i in range(config.num_hidden_layers)]
     embed = tensor("model.embed_tokens.weight")
     has_head = any(name.startswith("lm_head.") for name in source.keys())
     if has_head:
