@@ -6,6 +6,7 @@ one process. The engine is the only writer.
 
 from __future__ import annotations
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # From ~1 ms (an H200 decode step) to ~60 s (a long CPU request): fine enough at both ends to read percentiles.
@@ -110,3 +111,40 @@ class ServiceMetrics:
         self.dead_letters = Counter(
             "trellis_dead_letters", "Entries moved to the dead-letter stream.", ["stream"], registry=registry
         ).labels(stream=stream)
+        memory = Gauge(
+            "trellis_gpu_memory_bytes", "Device memory held by the model's weights and by the KV cache.",
+            ["model", "kind"], registry=registry,
+        )  # fmt: skip
+        self.weights_bytes = memory.labels(model=model, kind="weights")
+        self.kv_cache_bytes = memory.labels(model=model, kind="kv_cache")
+
+
+def tensor_bytes(root: object) -> int:
+    """Bytes of every distinct tensor reachable from ``root`` (a module's parameters and buffers, or an object's
+    attributes, lists, tuples and dicts, followed recursively); tensors sharing storage count once."""
+    seen: set[int] = set()
+    total = 0
+    stack = [root]
+    visited: set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, torch.nn.Module):
+            for m in obj.modules():  # parameters, buffers, and tensors kept as plain attributes (EXL3 trellises)
+                stack.extend(m.parameters(recurse=False))
+                stack.extend(m.buffers(recurse=False))
+                stack.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor | list | tuple))
+        elif isinstance(obj, list | tuple | set):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack.extend(vars(obj).values())
+    return total

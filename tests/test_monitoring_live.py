@@ -151,6 +151,13 @@ def test_scraped_traffic_shows_the_requests_that_were_made(prometheus: str) -> N
     assert generated and float(generated[0]["value"][1]) > 0
 
 
+def test_workers_report_the_memory_their_weights_and_cache_hold(prometheus: str) -> None:
+    held = {s["metric"]["kind"]: float(s["value"][1]) for s in _query(prometheus, "trellis_gpu_memory_bytes")}
+    assert held.keys() == {"weights", "kv_cache"}
+    assert held["weights"] > 400e6  # SmolLM2-135M in fp32 on a CPU worker (tied head counted once)
+    assert held["kv_cache"] > 0
+
+
 def test_alert_rules_evaluate_on_live_metrics(prometheus: str) -> None:
     depth = _query(prometheus, "model:trellis_queue_depth:sum")
     assert [s["metric"]["model"] for s in depth] == [MODEL]
