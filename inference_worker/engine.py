@@ -20,6 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import ForwardBatch
+from inference_worker.draft_model import DraftModelProposer
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
@@ -43,6 +44,7 @@ log = logging.getLogger("inference_worker.engine")
 Event = tuple[str, dict[str, Any]]
 CPU_KV_CACHE_BYTES = 1 << 30  # with kv_cache_tokens=0 on CPU, the cache stays under ~1 GiB
 GPU_KV_CACHE_FRACTION = 0.9  # with kv_cache_tokens=0 on CUDA, the cache takes this share of free memory
+GPU_DRAFT_CACHE_FRACTION = 0.1  # with speculative_draft_cache_tokens=0 on CUDA, the most the draft's cache may take
 
 
 @dataclass
@@ -176,6 +178,10 @@ class Engine:
         model, config = load_model(Path(model_dir), device, dtype)
         tokenizer = ModelTokenizer.from_dir(Path(model_dir))
         max_model_len = settings.max_model_len or int(config.max_position_embeddings)
+        model_id = model_id or Path(model_dir).name
+        proposers: dict[str, Proposer] = {}
+        if settings.speculative_draft_model:  # before sizing the target's cache: it takes what the draft leaves
+            proposers["draft"] = load_draft_proposer(settings, model_id, config, device, dtype, max_model_len)
         kv_bits = parse_kv_bits(settings.kv_bits)
         bytes_per_token = kv_bytes_per_token(
             config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype, kv_bits
@@ -197,8 +203,8 @@ class Engine:
             speculative_tokens=settings.speculative_tokens,
             speculative_max_batch=settings.speculative_max_batch,
         )
-        metrics = WorkerMetrics(registry or CollectorRegistry(), model_id or Path(model_dir).name)
-        return cls(model, config, tokenizer, cfg, metrics)
+        metrics = WorkerMetrics(registry or CollectorRegistry(), model_id)
+        return cls(model, config, tokenizer, cfg, metrics, proposers)
 
     # -- any thread ---------------------------------------------------------------------------------------------------
     def add_request(self, req: wire.GenerationRequest) -> None:
@@ -258,6 +264,8 @@ class Engine:
         plan = self.scheduler.schedule(self._propose_drafts())
         if plan.preempted:
             self.metrics.num_preemptions.inc(len(plan.preempted))
+            for seq in plan.preempted:  # its draft cache is memory others can use until it comes back
+                self._forget_drafts(seq)
         self.metrics.prefix_cache_queries.inc(plan.prefix_query_tokens)
         self.metrics.prefix_cache_hits.inc(plan.prefix_hit_tokens)
         if not plan.is_empty:
@@ -407,6 +415,10 @@ class Engine:
                     drafts[request.seq_id] = list(tokens[: request.num_tokens])
         return drafts
 
+    def _forget_drafts(self, seq: Sequence) -> None:
+        for proposer in self.proposers.values():
+            proposer.forget(seq.seq_id)
+
     def _verify(self, c: _Choice, draft: list[int], logits: torch.Tensor, now: float, events: list[Event]) -> None:
         """Emit what one speculative chunk yields: logits [len(draft) + 1, V] at its positions, guesses kept one by
         one (each token is appended before the next position is judged, so penalties and stops see it as if
@@ -519,6 +531,7 @@ class Engine:
     def _release(self, c: _Choice) -> None:
         c.finished = True
         self.scheduler.finish(c.seq)
+        self._forget_drafts(c.seq)
         del self._choices[c.seq.seq_id]
         with self._cond:
             self._num_live_seqs -= 1
@@ -633,6 +646,51 @@ def default_kv_cache_tokens(
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * memory_fraction) // bytes_per_token
     return min(max_model_len * max_batch_size, CPU_KV_CACHE_BYTES // bytes_per_token)
+
+
+def default_draft_cache_tokens(device: torch.device, max_model_len: int, max_seqs: int, bytes_per_token: int) -> int:
+    """speculative_draft_cache_tokens=0: room for ``max_seqs`` speculating sequences of full length; on CUDA within
+    ``GPU_DRAFT_CACHE_FRACTION`` of the free memory (the target's cache, sized after, takes its share of the rest), on
+    CPU within ~1 GiB."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return min(max_model_len * max_seqs, int(free * GPU_DRAFT_CACHE_FRACTION) // bytes_per_token)
+    return default_kv_cache_tokens(device, max_model_len, max_seqs, bytes_per_token)
+
+
+def load_draft_proposer(
+    settings: Settings,
+    target_id: str,
+    target_config: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_model_len: int,
+) -> DraftModelProposer:
+    """The draft model ``settings.speculative_draft_model`` on the target's device and dtype, with its own KV cache.
+    ValueError when it is missing or its vocabulary differs from the target's (its guesses would be other tokens)."""
+    from inference_worker.loader import load_model
+    from shared.model_dir import load_config
+
+    draft_id = settings.speculative_draft_model
+    draft_dir = Path(settings.models_dir) / draft_id
+    if not draft_dir.is_dir():
+        raise ValueError(f"TRELLIS_SPECULATIVE_DRAFT_MODEL={draft_id!r}: no model directory {draft_dir}")
+    vocab_size = load_config(draft_dir).get("vocab_size")  # checked before any weight is read
+    if vocab_size is not None and int(vocab_size) != int(target_config.vocab_size):
+        raise ValueError(
+            f"TRELLIS_SPECULATIVE_DRAFT_MODEL={draft_id!r} has a vocabulary of {vocab_size} tokens but the served "
+            f"model {target_id!r} has {target_config.vocab_size}: a draft model must use the same tokenizer"
+        )
+    model, config = load_model(draft_dir, device, dtype)  # a config without vocab_size is refused here
+    bytes_per_token = kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype)
+    max_seqs = min(settings.max_batch_size, settings.speculative_max_batch)
+    cache_tokens = settings.speculative_draft_cache_tokens or default_draft_cache_tokens(
+        device, max_model_len, max_seqs, bytes_per_token
+    )
+    log.info("draft model %s for %s: %d KV cache tokens", draft_id, target_id, cache_tokens)
+    return DraftModelProposer(
+        model, config, cache_tokens, settings.kv_page_size, device, dtype, max_batch_tokens=settings.max_batch_tokens
+    )
 
 
 def _model_dtype(model: Any) -> torch.dtype:

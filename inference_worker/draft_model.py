@@ -1,0 +1,227 @@
+"""The draft-model proposer: a smaller model with the target's vocabulary guesses the next tokens greedily.
+
+It runs on the worker's device next to the target, with a paged KV cache of its own, and is incremental: per sequence
+it remembers which tokens its cache holds, so each engine step it only feeds what is new. One ``propose`` call
+advances every requesting sequence together:
+
+1. roll back: the guesses the target rejected are cut from the draft's cache (it keeps the longest common prefix of
+   the tokens it cached and the sequence's real tokens; pages past that are freed);
+2. catch up: one batched forward (chunked by ``max_batch_tokens``) feeds each sequence the real tokens its cache
+   lacks: the whole prompt the first time, afterwards the last kept guesses and the target's own token;
+3. guess: the argmax after the last real token is guess 1; k - 1 batched one-token forwards feed each guess to get the
+   next. The last guess is never fed: if the target keeps it, the next catch-up feeds it.
+
+When the draft cache is full, a sequence gets fewer guesses, or none; the request never fails for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from inference_worker.batch import ForwardBatch
+from inference_worker.kv_cache import PagedKVCache
+from inference_worker.prefix_cache import PagePool
+from inference_worker.speculative import DraftRequest, Proposer
+
+
+@dataclass(eq=False)
+class _DraftSeq:
+    """One sequence as the draft cache holds it."""
+
+    pages: list[int] = field(default_factory=list)
+    cached: list[int] = field(default_factory=list)  # token ids whose K/V are in the draft cache, position by position
+
+
+@dataclass(eq=False)
+class _Proposal:
+    """One sequence's part of a ``propose`` call."""
+
+    state: _DraftSeq
+    token_ids: list[int]  # the sequence's real tokens
+    num_guesses: int  # what the request asked for, cut to what the draft cache has room for
+    guesses: list[int] = field(default_factory=list)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    if list(a[:n]) == list(b[:n]):  # the usual case (nothing rejected), compared in C
+        return n
+    return int(np.argmax(np.asarray(a[:n]) != np.asarray(b[:n])))
+
+
+def _pages_for(num_tokens: int, page_size: int) -> int:
+    return -(-num_tokens // page_size)
+
+
+class DraftModelProposer(Proposer):
+    """Greedy guesses from ``model`` (anything ``loader.load_model`` builds), cached in ``cache_tokens`` tokens of
+    its own paged KV cache on ``device``."""
+
+    method = "draft"
+
+    def __init__(
+        self,
+        model: Any,
+        model_config: Any,
+        cache_tokens: int,
+        page_size: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        max_batch_tokens: int = 2048,
+    ) -> None:
+        num_pages = cache_tokens // page_size
+        if num_pages < 1:
+            raise ValueError(f"the draft cache of {cache_tokens} tokens is less than one page of {page_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        self.model = model
+        self.vocab_size = int(model_config.vocab_size)
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.max_batch_tokens = max_batch_tokens
+        self.pool = PagePool(num_pages, caching=False)  # a plain free list: drafts share no prefixes
+        self.cache = PagedKVCache(
+            model_config.num_hidden_layers,
+            num_pages,
+            page_size,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            dtype,
+            self.device,
+        )
+        self._seqs: dict[str, _DraftSeq] = {}
+
+    # -- what tests and logs may look at ---------------------------------------------------------------------------
+    def cached_tokens(self, seq_id: str) -> list[int]:
+        """The tokens of ``seq_id`` whose K/V the draft cache holds (empty for a sequence it does not know)."""
+        seq = self._seqs.get(seq_id)
+        return list(seq.cached) if seq else []
+
+    def num_pages_held(self, seq_id: str) -> int:
+        seq = self._seqs.get(seq_id)
+        return len(seq.pages) if seq else 0
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self._seqs)
+
+    # -- the Proposer interface ------------------------------------------------------------------------------------
+    def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
+        token_ids = [list(r.token_ids) for r in requests]
+        states = [self._seqs.setdefault(r.seq_id, _DraftSeq()) for r in requests]
+        for state, tokens in zip(states, token_ids, strict=True):  # all first: rollbacks free pages for the others
+            self._roll_back(state, tokens)
+        proposals: list[_Proposal | None] = []
+        for state, tokens, request in zip(states, token_ids, requests, strict=True):
+            num_guesses = self._reserve(state, len(tokens), request.num_tokens) if tokens else 0
+            proposals.append(_Proposal(state, tokens, num_guesses) if num_guesses else None)
+        active = [p for p in proposals if p is not None]
+        if active:
+            with torch.inference_mode():
+                self._catch_up(active)
+                self._guess_rest(active)
+        return [p.guesses if p else [] for p in proposals]
+
+    def forget(self, seq_id: str) -> None:
+        seq = self._seqs.pop(seq_id, None)
+        if seq is not None:
+            self.pool.release(reversed(seq.pages))
+
+    # -- cache bookkeeping -----------------------------------------------------------------------------------------
+    def _roll_back(self, seq: _DraftSeq, token_ids: list[int]) -> None:
+        """Cut what the draft cached back to the real tokens it shares with the sequence, always leaving the last
+        real token to feed again (its logits give the first guess)."""
+        keep = min(common_prefix_length(seq.cached, token_ids), len(token_ids) - 1)
+        del seq.cached[max(keep, 0) :]
+        self._free_pages_past(seq, len(seq.cached))
+
+    def _free_pages_past(self, seq: _DraftSeq, num_tokens: int) -> None:
+        keep = _pages_for(num_tokens, self.page_size)
+        if len(seq.pages) > keep:
+            self.pool.release(reversed(seq.pages[keep:]))
+            del seq.pages[keep:]
+
+    def _reserve(self, seq: _DraftSeq, num_tokens: int, num_guesses: int) -> int:
+        """Pages to cache all ``num_tokens`` real tokens plus the guesses fed after them (all but the last guess);
+        the number of guesses the free pages allow (0: not even the real tokens fit)."""
+        room = (len(seq.pages) + self.pool.num_free) * self.page_size
+        num_guesses = min(num_guesses, room - num_tokens + 1)
+        if num_guesses < 1:
+            return 0
+        needed = _pages_for(num_tokens + num_guesses - 1, self.page_size) - len(seq.pages)
+        if needed > 0:
+            seq.pages.extend(self.pool.allocate(needed))
+        return num_guesses
+
+    # -- forwards --------------------------------------------------------------------------------------------------
+    def _catch_up(self, proposals: list[_Proposal]) -> None:
+        """Feed every sequence the real tokens its draft cache lacks; the argmax after the last one is its first
+        guess. More tokens than ``max_batch_tokens`` go in several forwards, each sequence's in order."""
+        pending = proposals
+        while pending:
+            budget = self.max_batch_tokens
+            feeds: list[tuple[_Proposal, list[int]]] = []
+            for p in pending:
+                if budget == 0:
+                    break
+                start = len(p.state.cached)
+                chunk = p.token_ids[start : start + budget]
+                feeds.append((p, chunk))
+                budget -= len(chunk)
+            next_tokens = self._forward([(p.state, chunk) for p, chunk in feeds])
+            for (p, _), token in zip(feeds, next_tokens, strict=True):
+                p.guesses = [token]  # only the last chunk's (after the last real token) survives
+            pending = [p for p in pending if len(p.state.cached) < len(p.token_ids)]
+
+    def _guess_rest(self, proposals: list[_Proposal]) -> None:
+        """Guesses 2..k: feed each sequence its latest guess, one token per sequence per forward."""
+        while True:
+            growing = [p for p in proposals if len(p.guesses) < p.num_guesses]
+            if not growing:
+                return
+            next_tokens = self._forward([(p.state, p.guesses[-1:]) for p in growing])
+            for p, token in zip(growing, next_tokens, strict=True):
+                p.guesses.append(token)
+
+    def _forward(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> list[int]:
+        """One ragged forward appending each sequence's new tokens to its draft cache (pages already reserved); the
+        argmax after each sequence's last new token."""
+        logits = self.model.forward(self._batch(feeds), self.cache)
+        for seq, tokens in feeds:
+            seq.cached.extend(tokens)
+        return logits.argmax(dim=-1).tolist()
+
+    def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> ForwardBatch:
+        ps = self.page_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        last_rows: list[int] = []
+        tables = torch.zeros((len(feeds), max(len(seq.pages) for seq, _ in feeds)), dtype=torch.int64)
+        for row, (seq, tokens) in enumerate(feeds):
+            start = len(seq.cached)
+            new_positions = range(start, start + len(tokens))
+            input_ids += tokens
+            positions += new_positions
+            slots += [seq.pages[p // ps] * ps + p % ps for p in new_positions]
+            last_rows.append(len(input_ids) - 1)
+            tables[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int64)
+
+        def as_tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+        return ForwardBatch(
+            input_ids=as_tensor(input_ids),
+            positions=as_tensor(positions),
+            query_lens=[len(tokens) for _, tokens in feeds],
+            context_lens=[len(seq.cached) + len(tokens) for seq, tokens in feeds],
+            block_tables=tables.to(self.device, non_blocking=True),
+            slot_mapping=as_tensor(slots),
+            logits_indices=as_tensor(last_rows),
+        )
