@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import signal
 import sys
 import time
-
-# A worker shares its cores with the gateway, Redis and the OS: OpenMP threads that spin while idle steal the cores the
-# others need and then wait on them (measured on 2 cores: inter-token latency through the gateway 165 -> 134 ms at
-# concurrency 4). Set before torch loads its OpenMP runtime; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from shared.logs import setup_logging
 from shared.settings import load_settings
