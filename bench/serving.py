@@ -138,12 +138,7 @@ def run_in_process(
     settings = load_settings(max_batch_size=max(concurrency, 1))
     engine = Engine.from_settings(model_dir, settings, model_id=model)
     tok = ModelTokenizer.from_dir(model_dir)
-    pending = [
-        GenerationRequest(id=uuid.uuid4().hex, model=model,
-                          prompt_ids=tok.chat_prompt_ids([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]),
-                          params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
-        for i in range(n)
-    ]
+    pending = list(range(n))
     start: dict[str, float] = {}
     last: dict[str, float] = {}
     results: dict[str, Result] = {}
@@ -151,8 +146,12 @@ def run_in_process(
     t0 = time.perf_counter()
     while pending or engine.has_work():
         while pending and len(in_flight) < concurrency:
-            req = pending.pop(0)
-            start[req.id] = time.perf_counter()
+            i = pending.pop(0)
+            t_submit = time.perf_counter()  # the chat template and tokenizing count, as they do in the gateway's TTFT
+            messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+            req = GenerationRequest(id=uuid.uuid4().hex, model=model, prompt_ids=tok.chat_prompt_ids(messages),
+                                    params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
+            start[req.id] = t_submit
             results[req.id] = Result(ok=False)
             in_flight.add(req.id)
             engine.add_request(req)
