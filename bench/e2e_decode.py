@@ -355,6 +355,7 @@ def hf_generate_static(model: torch.nn.Module, ids: list[list[int]], steps: int,
             min_new_tokens=n,
             do_sample=False,
             cache_implementation="static",
+            disable_compile=True,  # its automatic torch.compile ran past a 140 s budget on the H200 (2026-11-29)
             pad_token_id=model.config.eos_token_id,
         )
         sync(device)
@@ -378,6 +379,7 @@ def run_hf(
         hf_loop(model, ids, min(2, steps), device)  # warm-up
         seconds = hf_loop(model, ids, steps, device)
         row = {"loop_tok_s": batch * steps / seconds}
+        log(f"transformers batch {batch}: plain loop {row['loop_tok_s']:.1f} tok/s")  # before anything that may hang
         if batch == 1:
             try:
                 row["generate_static_tok_s"] = steps / hf_generate_static(model, ids, steps, device)
