@@ -1,0 +1,89 @@
+"""Where the time to first token goes through the suite: sequential streaming chat requests, each split into
+    gateway → worker   the worker's ``queue_s``: request admitted by the gateway to scheduled by the worker
+    worker             the worker's ``ttft_s`` minus ``queue_s``: prefill and the first sample, in the worker
+    worker → client    the client's first content chunk minus the worker's ``ttft_s``: XADD, XREAD, SSE, parse
+The worker's timings come from its final ``done`` event, read back from ``out:{request_id}`` in Redis.
+
+    python bench/hop_probe.py [--requests 12] [--max-tokens 8]
+
+Starts its own redis-server, gateway and worker on the default model; loopback only; bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import redis
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared import names, wire  # noqa: E402
+from shared.redis_server import free_port, start_redis_server  # noqa: E402
+from shared.settings import DEFAULT_MODEL_ID, load_settings  # noqa: E402
+from tests.suite import running_suite  # noqa: E402
+
+
+def first_content_seconds(base: str, body: dict) -> tuple[str, float]:
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    start, first = time.perf_counter(), None
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        request_id = resp.headers["X-Request-Id"]
+        for raw in resp:
+            line = raw.decode().strip()
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    first = time.perf_counter() - start
+    if first is None:
+        raise RuntimeError(f"{request_id}: no content arrived")
+    return request_id, first
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    args = ap.parse_args()
+    models_dir = load_settings().models_dir
+    from shared.default_model import ensure_default_model
+
+    ensure_default_model(models_dir)
+    port = free_port()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_redis_server(port, Path(tmp) / "redis")
+        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis.from_url(url)
+        try:
+            with running_suite(url, models_dir, DEFAULT_MODEL_ID, Path(tmp)) as base:
+                for i in range(args.requests + 1):  # the first one warms up
+                    body = {"model": DEFAULT_MODEL_ID, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
+                            "messages": [{"role": "user", "content": f"Tell me one fact about the number {i}."}]}
+                    request_id, client_ttft = first_content_seconds(base, body)
+                    events = [wire.unpack(f[names.PAYLOAD_FIELD]) for _, f in r.xrange(names.output_stream(request_id))]
+                    timings = next(e for e in events if e["type"] == "done")["timings"]
+                    if i:
+                        rows.append((timings["queue_s"], timings["ttft_s"] - timings["queue_s"],
+                                     client_ttft - timings["ttft_s"], client_ttft))
+        finally:
+            server.terminate()
+            server.wait()
+    names_ = ("gateway -> worker", "worker (prefill)", "worker -> client", "client TTFT")
+    print(f"{'ms, p50 (min-max) over ' + str(len(rows)) + ' requests':<40}")
+    for k, name in enumerate(names_):
+        xs = [row[k] * 1000 for row in rows]
+        print(f"{name:<20} {statistics.median(xs):8.1f}  ({min(xs):.1f}-{max(xs):.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
