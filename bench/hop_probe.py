@@ -1,5 +1,6 @@
 """Where the time to first token goes through the suite: sequential streaming chat requests, each split into
-    gateway → worker   the worker's ``queue_s``: request admitted by the gateway to scheduled by the worker
+    gateway → worker   the worker's ``queue_s``: from the gateway's admission start (registry check, chat template,
+                       tokenizing, queue reservation, XADD) to the worker scheduling it
     worker             the worker's ``ttft_s`` minus ``queue_s``: prefill and the first sample, in the worker
     worker → client    the client's first content chunk minus the worker's ``ttft_s``: XADD, XREAD, SSE, parse
 The worker's timings come from its final ``done`` event, read back from ``out:{request_id}`` in Redis.
