@@ -41,8 +41,8 @@ def check_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device.type != "cuda" and not interpret:
             raise ValueError(
-                f"Triton kernels need CUDA tensors, got one on {t.device}; use kernels.exl3_ref on CPU "
-                "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
+                f"Triton kernels need CUDA tensors, got one on {t.device}; on CPU use the kernel's torch reference "
+                "(kernels/*_ref.py), or set TRITON_INTERPRET=1 before importing triton (tests)"
             )
 
 

@@ -5,24 +5,12 @@ their slots, fused into the step that appends them. The format and the torch ref
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kernels.hadamard import check_device
 from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
-
-
-def check_device(*tensors: torch.Tensor) -> None:
-    """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    for t in tensors:
-        if t.device.type != "cuda" and not interpret:
-            raise ValueError(
-                f"Triton kernels need CUDA tensors, got one on {t.device}; the CPU path is the torch reference "
-                "(or set TRITON_INTERPRET=1 before importing triton, for tests)"
-            )
 
 
 @triton.jit

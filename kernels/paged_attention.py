@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kv_quant import check_device
+from kernels.hadamard import check_device
 from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
 
 LOG2E = 1.4426950408889634
