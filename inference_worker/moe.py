@@ -56,13 +56,16 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
-        out = self.run_experts(x, weights, experts)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(x)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-            out = out + shared
-        return out
+        return self.add_shared(x, self.run_experts(x, weights, experts))
+
+    def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """``routed`` plus the shared expert's output for x (gated where the family gates it), if there is one."""
+        if self.shared_expert is None:
+            return routed
+        shared = self.shared_expert(x)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        return routed + shared
 
     def run_experts(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """sum_k weights[t, k] * expert_{experts[t, k]}(x[t]) for every token t, grouped by expert."""

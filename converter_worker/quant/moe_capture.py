@@ -35,10 +35,4 @@ def routed_output(moe: SparseMoe, x: torch.Tensor) -> torch.Tensor:
         tokens, slots = (chosen == e).nonzero(as_tuple=True)
         if tokens.numel():
             mixed[tokens, slots] = expert(x[tokens]).float() * weights[tokens, slots, None]
-    out = mixed.sum(dim=1).to(x.dtype)
-    if moe.shared_expert is not None:
-        shared = moe.shared_expert(x)
-        if moe.shared_expert_gate is not None:
-            shared = torch.sigmoid(moe.shared_expert_gate(x)) * shared
-        out = out + shared
-    return out
+    return moe.add_shared(x, mixed.sum(dim=1).to(x.dtype))
