@@ -256,7 +256,7 @@ def prefill(res: dict, gen: torch.Generator, cached: int, chunk: int, name: str)
 
 def end_to_end_128k(res: dict, prompt_tokens: int = 131072 - 16, max_new: int = 16, preset: str = "llama3-8b") -> None:
     """Prefill + greedy decode of one 128K sequence through the real model code, scheduler and K4/V4 cache."""
-    from inference_worker.engine import build_forward_batch
+    from inference_worker.batch import build_batch
     from inference_worker.loader import load_model
     from inference_worker.scheduler import Scheduler, Sequence
     from shared.exl3_synth import synth_model
@@ -291,7 +291,7 @@ def end_to_end_128k(res: dict, prompt_tokens: int = 131072 - 16, max_new: int = 
     with torch.inference_mode():
         while sched.has_work():
             plan = sched.schedule()
-            logits = model(build_forward_batch(plan, torch.device("cuda")), cache)
+            logits = model(build_batch(plan.scheduled, torch.device("cuda")), cache)
             if plan.scheduled[0].samples:
                 seq.output_ids.append(int(logits[-1].argmax()))
                 if first_token_at is None:

@@ -7,7 +7,9 @@ K/V are written) and ``block_tables`` (which pages each sequence reads).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -29,3 +31,68 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return len(self.query_lens)
+
+
+class BatchChunk(Protocol):
+    """One sequence's part of a forward: its new tokens and where they go (scheduler.ScheduledSeq is one)."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_table: list[int]
+
+    @property
+    def context_len(self) -> int: ...
+
+    @property
+    def num_logits(self) -> int:
+        """How many of the chunk's last rows need logits (0: none)."""
+        ...
+
+
+@dataclass
+class Chunk:
+    """A plain ``BatchChunk``, for callers with no scheduler plan of their own (the draft model)."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_table: list[int]
+    num_logits: int = 1
+
+    @property
+    def context_len(self) -> int:
+        return self.positions[-1] + 1
+
+
+def pages_for(num_tokens: int, page_size: int) -> int:
+    """Pages that hold ``num_tokens`` tokens."""
+    return -(-num_tokens // page_size)
+
+
+def build_batch(chunks: Sequence[BatchChunk], device: torch.device) -> ForwardBatch:
+    """The tensors of one ragged forward over ``chunks``, in order."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    logits_rows: list[int] = []
+    tables = torch.zeros((len(chunks), max(len(c.block_table) for c in chunks)), dtype=torch.int64)
+    for row, chunk in enumerate(chunks):
+        input_ids += chunk.token_ids
+        positions += chunk.positions
+        slots += chunk.slot_mapping
+        tables[row, : len(chunk.block_table)] = torch.tensor(chunk.block_table, dtype=torch.int64)
+        logits_rows += range(len(input_ids) - chunk.num_logits, len(input_ids))
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return ForwardBatch(
+        input_ids=as_tensor(input_ids),
+        positions=as_tensor(positions),
+        query_lens=[len(c.token_ids) for c in chunks],
+        context_lens=[c.context_len for c in chunks],
+        block_tables=tables.to(device, non_blocking=True),
+        slot_mapping=as_tensor(slots),
+        logits_indices=as_tensor(logits_rows),
+    )

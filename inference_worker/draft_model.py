@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference_worker.batch import ForwardBatch
+from inference_worker.batch import Chunk, ForwardBatch, build_batch, pages_for
 from inference_worker.kv_cache import PagedKVCache
 from inference_worker.prefix_cache import PagePool
 from inference_worker.speculative import DraftRequest, Proposer
@@ -53,10 +53,6 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
     if list(a[:n]) == list(b[:n]):  # the usual case (nothing rejected), compared in C
         return n
     return int(np.argmax(np.asarray(a[:n]) != np.asarray(b[:n])))
-
-
-def _pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
 
 
 class DraftModelProposer(Proposer):
@@ -142,7 +138,7 @@ class DraftModelProposer(Proposer):
         self._free_pages_past(seq, len(seq.cached))
 
     def _free_pages_past(self, seq: _DraftSeq, num_tokens: int) -> None:
-        keep = _pages_for(num_tokens, self.page_size)
+        keep = pages_for(num_tokens, self.page_size)
         if len(seq.pages) > keep:
             self.pool.release(reversed(seq.pages[keep:]))
             del seq.pages[keep:]
@@ -154,7 +150,7 @@ class DraftModelProposer(Proposer):
         num_guesses = min(num_guesses, room - num_tokens + 1)
         if num_guesses < 1:
             return 0
-        needed = _pages_for(num_tokens + num_guesses - 1, self.page_size) - len(seq.pages)
+        needed = pages_for(num_tokens + num_guesses - 1, self.page_size) - len(seq.pages)
         if needed > 0:
             seq.pages.extend(self.pool.allocate(needed))
         return num_guesses
@@ -199,29 +195,9 @@ class DraftModelProposer(Proposer):
 
     def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> ForwardBatch:
         ps = self.page_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        last_rows: list[int] = []
-        tables = torch.zeros((len(feeds), max(len(seq.pages) for seq, _ in feeds)), dtype=torch.int64)
-        for row, (seq, tokens) in enumerate(feeds):
-            start = len(seq.cached)
-            new_positions = range(start, start + len(tokens))
-            input_ids += tokens
-            positions += new_positions
-            slots += [seq.pages[p // ps] * ps + p % ps for p in new_positions]
-            last_rows.append(len(input_ids) - 1)
-            tables[row, : len(seq.pages)] = torch.tensor(seq.pages, dtype=torch.int64)
-
-        def as_tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
-
-        return ForwardBatch(
-            input_ids=as_tensor(input_ids),
-            positions=as_tensor(positions),
-            query_lens=[len(tokens) for _, tokens in feeds],
-            context_lens=[len(seq.cached) + len(tokens) for seq, tokens in feeds],
-            block_tables=tables.to(self.device, non_blocking=True),
-            slot_mapping=as_tensor(slots),
-            logits_indices=as_tensor(last_rows),
-        )
+        chunks = []
+        for seq, tokens in feeds:
+            positions = list(range(len(seq.cached), len(seq.cached) + len(tokens)))
+            slots = [seq.pages[p // ps] * ps + p % ps for p in positions]
+            chunks.append(Chunk(tokens, positions, slots, seq.pages))
+        return build_batch(chunks, self.device)

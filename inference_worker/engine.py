@@ -19,7 +19,7 @@ import tokenizers
 import torch
 from prometheus_client import CollectorRegistry
 
-from inference_worker.batch import ForwardBatch
+from inference_worker.batch import build_batch
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
@@ -443,7 +443,7 @@ class Engine:
     def _forward_and_sample(self, plan: StepPlan, events: list[Event]) -> None:
         """Run the plan's forward, then emit every sampling sequence's token(s): one plain draw per sequence without
         guesses, all in one batch; a verification per sequence with guesses."""
-        batch = build_forward_batch(plan, self.device)
+        batch = build_batch(plan.scheduled, self.device)
         with torch.inference_mode():
             logits = self.model.forward(batch, self.cache)
             plain: list[tuple[_Choice, int]] = []
@@ -578,36 +578,6 @@ class Engine:
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"type": wire.EVENT_ERROR, "message": message, "code": code}
-
-
-def build_forward_batch(plan: StepPlan, device: torch.device) -> ForwardBatch:
-    """The scheduler's plan as the tensors of one ragged forward (see inference_worker/batch.py)."""
-    input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    logits_rows: list[int] = []
-    max_pages = max(len(item.block_table) for item in plan.scheduled)
-    tables = torch.zeros((len(plan.scheduled), max_pages), dtype=torch.int64)
-    for row, item in enumerate(plan.scheduled):
-        input_ids += item.token_ids
-        positions += item.positions
-        slots += item.slot_mapping
-        tables[row, : len(item.block_table)] = torch.tensor(item.block_table, dtype=torch.int64)
-        if item.samples:  # the last known token's row, and one per guess after it
-            logits_rows += range(len(input_ids) - 1 - len(item.draft_ids), len(input_ids))
-
-    def as_tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
-
-    return ForwardBatch(
-        input_ids=as_tensor(input_ids),
-        positions=as_tensor(positions),
-        query_lens=[item.query_len for item in plan.scheduled],
-        context_lens=[item.context_len for item in plan.scheduled],
-        block_tables=tables.to(device, non_blocking=True),
-        slot_mapping=as_tensor(slots),
-        logits_indices=as_tensor(logits_rows),
-    )
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from inference_worker.batch import pages_for
 from inference_worker.prefix_cache import PageHash, PagePool, page_hash
 
 
@@ -99,6 +100,11 @@ class ScheduledSeq:
     def context_len(self) -> int:
         return self.positions[-1] + 1
 
+    @property
+    def num_logits(self) -> int:
+        """Rows whose logits the step needs: the last known token's, and one per guess after it."""
+        return 1 + len(self.draft_ids) if self.samples else 0
+
 
 @dataclass
 class StepPlan:
@@ -114,10 +120,6 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-def _pages_for(num_tokens: int, page_size: int) -> int:
-    return -(-num_tokens // page_size)
 
 
 class Scheduler:
@@ -215,7 +217,7 @@ class Scheduler:
         guesses' slots in the kept pages are simply overwritten later, as num_computed stops before them."""
         if seq.status is not SeqStatus.RUNNING:
             return  # finished (pages already freed) or preempted
-        keep = _pages_for(seq.num_tokens, self.page_size)
+        keep = pages_for(seq.num_tokens, self.page_size)
         if len(seq.pages) > keep:
             self.pool.release(reversed(seq.pages[keep:]))
             del seq.pages[keep:]
@@ -283,7 +285,7 @@ class Scheduler:
         def grow(seq: Sequence, new_tokens: int) -> bool:
             """Give seq pages for new_tokens more cached tokens, preempting from the back; False if seq itself went."""
             nonlocal budget
-            needed = _pages_for(seq.num_computed + new_tokens, self.page_size) - len(seq.pages)
+            needed = pages_for(seq.num_computed + new_tokens, self.page_size) - len(seq.pages)
             while needed > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -315,7 +317,7 @@ class Scheduler:
             hits = self._cached_prefix(seq)
             cached = len(hits) * self.page_size
             new_tokens = min(seq.num_tokens - cached, budget)
-            needed = _pages_for(cached + new_tokens, self.page_size) - len(hits)
+            needed = pages_for(cached + new_tokens, self.page_size) - len(hits)
             # hit pages nobody holds count as free until this sequence takes them
             if needed + sum(self.pool.refcount(p) == 0 for p in hits) > self.pool.num_free:
                 break  # strict FIFO: nobody overtakes the head of the queue
@@ -344,7 +346,7 @@ class Scheduler:
         room = (len(seq.pages) + self.pool.num_free) * self.page_size - seq.num_tokens
         draft = list(draft[: max(0, min(budget, room))])
         if draft:
-            needed = _pages_for(seq.num_tokens + len(draft), self.page_size) - len(seq.pages)
+            needed = pages_for(seq.num_tokens + len(draft), self.page_size) - len(seq.pages)
             seq.pages.extend(self.pool.allocate(needed))
         return draft
 
