@@ -16,7 +16,7 @@ async def _run(model_id: str, settings, log) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from inference_worker.engine import Engine
-    from inference_worker.metrics import ServiceMetrics, tensor_bytes
+    from inference_worker.metrics import ServiceMetrics, module_bytes
     from inference_worker.service import WorkerService
     from shared import names
     from shared.redis_server import free_port
@@ -36,8 +36,8 @@ async def _run(model_id: str, settings, log) -> int:
 
     metrics = ServiceMetrics(registry, model_id, names.requests_stream(model_id))
     metrics.model_load_seconds.set(load_seconds)
-    metrics.weights_bytes.set(tensor_bytes(engine.model))
-    metrics.kv_cache_bytes.set(tensor_bytes(engine.cache))
+    metrics.weights_bytes.set(module_bytes(engine.model))
+    metrics.kv_cache_bytes.set(engine.cache.nbytes)
     service = WorkerService(engine, settings, model_id, metrics=metrics, metrics_port=port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

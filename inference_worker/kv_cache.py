@@ -100,6 +100,12 @@ class PagedKVCache:
     def num_slots(self) -> int:
         return self.num_pages * self.page_size
 
+    @property
+    def nbytes(self) -> int:
+        """Device memory the pages hold (codes and scales of quantized sides)."""
+        sides = [*self.k, *self.v]
+        return sum(p.codes.nbytes + p.scales.nbytes if isinstance(p, QuantPages) else p.nbytes for p in sides)
+
     def bytes_per_token(self) -> int:
         return kv_bytes_per_token(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.kv_bits)
 

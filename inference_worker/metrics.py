@@ -101,7 +101,9 @@ class ServiceMetrics:
             "trellis_model_load_seconds", "Seconds the worker took to load its model.", ["model"], registry=registry
         ).labels(model=model)
         self.last_heartbeat = Gauge(
-            "trellis_worker_last_heartbeat_timestamp_seconds", "Unix time of the worker's last heartbeat.", ["model"],
+            "trellis_worker_last_heartbeat_timestamp_seconds",
+            "Unix time of the worker's last heartbeat.",
+            ["model"],
             registry=registry,
         ).labels(model=model)
         # created at 0 so that the first reclaim or dead letter shows as an increase
@@ -119,32 +121,9 @@ class ServiceMetrics:
         self.kv_cache_bytes = memory.labels(model=model, kind="kv_cache")
 
 
-def tensor_bytes(root: object) -> int:
-    """Bytes of every distinct tensor reachable from ``root`` (a module's parameters and buffers, or an object's
-    attributes, lists, tuples and dicts, followed recursively); tensors sharing storage count once."""
-    seen: set[int] = set()
-    total = 0
-    stack = [root]
-    visited: set[int] = set()
-    while stack:
-        obj = stack.pop()
-        if id(obj) in visited:
-            continue
-        visited.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-        elif isinstance(obj, torch.nn.Module):
-            for m in obj.modules():  # parameters, buffers, and tensors kept as plain attributes (EXL3 trellises)
-                stack.extend(m.parameters(recurse=False))
-                stack.extend(m.buffers(recurse=False))
-                stack.extend(v for v in vars(m).values() if isinstance(v, torch.Tensor | list | tuple))
-        elif isinstance(obj, list | tuple | set):
-            stack.extend(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
-            stack.extend(vars(obj).values())
-    return total
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers, each storage once (a tied head shares the embedding's)."""
+    storages = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in (*module.parameters(), *module.buffers())
+    }
+    return sum(storages.values())
