@@ -36,3 +36,12 @@ def default_model_dir() -> Path:
     from shared.default_model import ensure_default_model
 
     return ensure_default_model(Path(os.environ.get("TRELLIS_TEST_MODELS_DIR", TEST_MODELS_DIR)))
+
+
+@pytest.fixture
+async def redis(redis_url: str):
+    """The gateway tests' own database of the session's redis-server, emptied first (tests/gateway_harness.py)."""
+    from tests.gateway_harness import fresh_redis
+
+    async with fresh_redis(redis_url) as r:
+        yield r

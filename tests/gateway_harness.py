@@ -123,6 +123,12 @@ class WorkerPeer:
         self.model = model
         self.stream = names.requests_stream(model)
 
+    @classmethod
+    async def announced(cls, r: aioredis.Redis, model: str, *, max_model_len: int = 128) -> WorkerPeer:
+        """A peer whose heartbeat is written (so the gateway serves ``model``) and which has joined the group."""
+        await announce_worker(r, model, max_model_len=max_model_len)
+        return await cls(r, model).join()
+
     async def join(self) -> WorkerPeer:
         await ensure_group(self.r, self.stream, names.WORKER_GROUP)
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,8 +26,9 @@ def suite_env(redis_url: str, models_dir: Path, **extra: str) -> dict[str, str]:
 
 def spawn(module: str, args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
     log = open(log_path, "wb")  # noqa: SIM115 - closed when the process is reaped by stop()
-    return subprocess.Popen([sys.executable, "-m", module, *args], env=env, cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *args], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def wait_http(url: str, procs: list[subprocess.Popen], timeout: float = 180.0) -> None:
@@ -58,9 +60,36 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def live_workers(base: str) -> list[dict]:
+    """GET /v1/workers of a running gateway."""
+    with urllib.request.urlopen(f"{base}/v1/workers", timeout=10) as resp:
+        return json.loads(resp.read())["data"]
+
+
+def open_completion(base: str, body: dict):
+    """POST /v1/completions; the open response (read it, or iterate a stream's lines)."""
+    req = urllib.request.Request(
+        f"{base}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    return urllib.request.urlopen(req, timeout=300)
+
+
+def busy_worker_pid(base: str, timeout: float = 10.0) -> int:
+    """The pid of the one worker running a request (heartbeats report it within a beat)."""
+    deadline = time.monotonic() + timeout
+    busy: list[dict] = []
+    while time.monotonic() < deadline:
+        busy = [w for w in live_workers(base) if int(w["active"]) > 0]
+        if len(busy) == 1:
+            return int(busy[0]["pid"])
+        time.sleep(0.1)
+    raise AssertionError(f"expected one busy worker, saw {busy}")
+
+
 @contextmanager
-def running_suite(redis_url: str, models_dir: Path, model_id: str, log_dir: Path, workers: int = 1,
-                  **extra_env: str) -> Iterator[str]:
+def running_suite(
+    redis_url: str, models_dir: Path, model_id: str, log_dir: Path, workers: int = 1, **extra_env: str
+) -> Iterator[str]:
     """A gateway and `workers` inference workers; yields the gateway's base URL once /ready answers 200."""
     port = free_port()
     env = suite_env(redis_url, models_dir, TRELLIS_PORT=str(port), **extra_env)

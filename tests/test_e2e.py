@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from shared.settings import DEFAULT_MODEL_ID
-from tests.suite import running_suite
+from tests.suite import live_workers, running_suite
 
 MODEL = DEFAULT_MODEL_ID
 
@@ -39,11 +39,6 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
-
-
-def _workers(base_url: str) -> list[dict]:
-    with urllib.request.urlopen(f"{base_url}/v1/workers", timeout=10) as resp:
-        return json.loads(resp.read())["data"]
 
 
 def test_models_lists_the_served_default_model(client: openai.OpenAI) -> None:
@@ -153,10 +148,10 @@ def test_cancelled_stream_frees_its_worker_slot(client: openai.OpenAI, base_url:
     stream.close()  # the client goes away mid-stream
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        if all(int(w["active"]) == 0 for w in _workers(base_url)):
+        if all(int(w["active"]) == 0 for w in live_workers(base_url)):
             break
         time.sleep(0.2)
-    assert all(int(w["active"]) == 0 for w in _workers(base_url)), _workers(base_url)
+    assert all(int(w["active"]) == 0 for w in live_workers(base_url)), live_workers(base_url)
 
 
 @pytest.mark.parametrize(

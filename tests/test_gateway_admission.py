@@ -17,9 +17,7 @@ from shared import names, wire
 from tests.gateway_harness import (
     StandInWorker,
     WorkerPeer,
-    announce_worker,
     delta,
-    fresh_redis,
     gateway_config,
     gateway_redis_url,
     gateway_settings,
@@ -45,15 +43,8 @@ def assert_error(body: dict, code: str, param: str | None = None) -> dict:
 
 
 @pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
-
-
-@pytest.fixture
 async def peer(redis) -> WorkerPeer:
-    await announce_worker(redis, MODEL, max_model_len=4096)
-    return await WorkerPeer(redis, MODEL).join()
+    return await WorkerPeer.announced(redis, MODEL, max_model_len=4096)
 
 
 @pytest.fixture

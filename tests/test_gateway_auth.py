@@ -19,7 +19,6 @@ from gateway.app import check_exposure, start
 from tests.gateway_harness import (
     StandInWorker,
     announce_worker,
-    fresh_redis,
     gateway_config,
     gateway_redis_url,
     gateway_settings,
@@ -42,12 +41,6 @@ def assert_error(body: dict, status_type: str, code: str) -> None:
     error = body["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["type"], error["code"]) == (status_type, code)
-
-
-@pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
 
 
 @pytest.fixture

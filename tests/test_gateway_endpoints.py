@@ -15,7 +15,6 @@ from tests.gateway_harness import (
     delta,
     done,
     finish,
-    fresh_redis,
     gateway_settings,
     make_model_dir,
     parse_sse,
@@ -23,12 +22,6 @@ from tests.gateway_harness import (
 )
 
 CONTEXT = 2048
-
-
-@pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
 
 
 @pytest.fixture

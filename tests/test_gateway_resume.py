@@ -20,7 +20,6 @@ from tests.gateway_harness import (
     delta,
     done,
     finish,
-    fresh_redis,
     gateway_config,
     gateway_settings,
     make_model_dir,
@@ -44,15 +43,8 @@ def bearer(key: str) -> dict[str, str]:
 
 
 @pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
-
-
-@pytest.fixture
 async def peer(redis) -> WorkerPeer:
-    await announce_worker(redis, MODEL, max_model_len=128)
-    return await WorkerPeer(redis, MODEL).join()
+    return await WorkerPeer.announced(redis, MODEL, max_model_len=128)
 
 
 @pytest.fixture

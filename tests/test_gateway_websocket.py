@@ -18,11 +18,9 @@ from shared import names
 from shared.redis_server import free_port
 from tests.gateway_harness import (
     WorkerPeer,
-    announce_worker,
     delta,
     done,
     finish,
-    fresh_redis,
     gateway_settings,
     make_model_dir,
     running_gateway,
@@ -34,15 +32,8 @@ MAX_FRAME = 2048
 
 
 @pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
-
-
-@pytest.fixture
 async def peer(redis) -> WorkerPeer:
-    await announce_worker(redis, MODEL, max_model_len=256)
-    return await WorkerPeer(redis, MODEL).join()
+    return await WorkerPeer.announced(redis, MODEL, max_model_len=256)
 
 
 @pytest.fixture

@@ -26,7 +26,6 @@ from tests.gateway_harness import (
     delta,
     done,
     finish,
-    fresh_redis,
     gateway_config,
     gateway_settings,
     make_model_dir,
@@ -42,15 +41,8 @@ RESUME_GRACE = 0.5  # a dropped stream keeps running this long, waiting for a re
 
 
 @pytest.fixture
-async def redis(redis_url: str):
-    async with fresh_redis(redis_url) as r:
-        yield r
-
-
-@pytest.fixture
 async def peer(redis) -> WorkerPeer:
-    await announce_worker(redis, MODEL, max_model_len=CONTEXT)
-    return await WorkerPeer(redis, MODEL).join()
+    return await WorkerPeer.announced(redis, MODEL, max_model_len=CONTEXT)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import redis
@@ -16,36 +15,12 @@ import redis
 from shared import names, wire
 from shared.redis_streams import entry
 from shared.settings import DEFAULT_MODEL_ID
-from tests.suite import running_suite, spawn, stop, suite_env
+from tests.suite import busy_worker_pid, live_workers, open_completion, running_suite, spawn, stop, suite_env
 from tests.tiny_models import write_tiny_llama
 
 MODEL = DEFAULT_MODEL_ID
 FAST = {"TRELLIS_HEARTBEAT_SECONDS": "0.5", "TRELLIS_RECLAIM_IDLE_SECONDS": "2", "TRELLIS_MAX_BATCH_SIZE": "4"}
 SMALL = {"bits": 2.0, "head_bits": 2, "cal_rows": 4, "cal_cols": 32}  # the cheapest search: this tests hand-over
-
-
-def _workers(base: str) -> list[dict]:
-    with urllib.request.urlopen(f"{base}/v1/workers", timeout=10) as resp:
-        return json.loads(resp.read())["data"]
-
-
-def _post(base: str, body: dict):
-    req = urllib.request.Request(
-        f"{base}/v1/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    return urllib.request.urlopen(req, timeout=300)
-
-
-def _busy_worker_pid(base: str, timeout: float = 10.0) -> int:
-    """The pid of the one worker running a request (heartbeats report it within a beat)."""
-    deadline = time.monotonic() + timeout
-    busy: list[dict] = []
-    while time.monotonic() < deadline:
-        busy = [w for w in _workers(base) if int(w["active"]) > 0]
-        if len(busy) == 1:
-            return int(busy[0]["pid"])
-        time.sleep(0.1)
-    raise AssertionError(f"expected one busy worker, saw {busy}")
 
 
 def _wait_exit(pid: int, timeout: float) -> int:
@@ -66,16 +41,21 @@ def test_sigterm_worker_finishes_what_it_holds_takes_nothing_new_and_exits_clean
     redis.Redis.from_url(db_url).flushdb()
     with running_suite(db_url, default_model_dir.parent, MODEL, tmp_path, workers=2, **FAST) as base:
         deadline = time.monotonic() + 120
-        while len(_workers(base)) < 2 and time.monotonic() < deadline:
+        while len(live_workers(base)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
-        body = {"model": MODEL, "prompt": "A short history of bridges:", "max_tokens": 120, "temperature": 0,
-                "ignore_eos": True}
-        with _post(base, body) as resp:
+        body = {
+            "model": MODEL,
+            "prompt": "A short history of bridges:",
+            "max_tokens": 120,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        with open_completion(base, body) as resp:
             want = json.loads(resp.read())["choices"][0]["text"]
 
         pieces: list[str] = []
         stopped = None
-        with _post(base, {**body, "stream": True}) as resp:
+        with open_completion(base, {**body, "stream": True}) as resp:
             for raw in resp:
                 line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
@@ -84,20 +64,18 @@ def test_sigterm_worker_finishes_what_it_holds_takes_nothing_new_and_exits_clean
                 assert "error" not in chunk, chunk
                 pieces += [c.get("text") or "" for c in chunk["choices"]]
                 if stopped is None and len(pieces) >= 4:
-                    stopped = _busy_worker_pid(base)
+                    stopped = busy_worker_pid(base)
                     os.kill(stopped, signal.SIGTERM)
                     # while it drains, new work goes to the other worker
-                    with _post(base, {**body, "max_tokens": 4}) as other:
+                    with open_completion(base, {**body, "max_tokens": 4}) as other:
                         assert json.loads(other.read())["usage"]["completion_tokens"] == 4
         assert stopped is not None
         assert "".join(pieces) == want  # finished by the worker that was told to stop, nothing lost
         assert _wait_exit(stopped, 40) == 0
-        assert stopped not in [int(w["pid"]) for w in _workers(base)]
+        assert stopped not in [int(w["pid"]) for w in live_workers(base)]
 
 
-def test_a_converter_stopped_or_killed_mid_job_hands_it_on_and_it_resumes(
-    redis_url: str, tmp_path: Path
-) -> None:
+def test_a_converter_stopped_or_killed_mid_job_hands_it_on_and_it_resumes(redis_url: str, tmp_path: Path) -> None:
     db_url = redis_url.rsplit("/", 1)[0] + "/12"
     r = redis.Redis.from_url(db_url)
     r.flushdb()

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import redis
 from shared import names, wire
 from shared.redis_streams import entry
 from shared.settings import DEFAULT_MODEL_ID
-from tests.suite import running_suite
+from tests.suite import live_workers, open_completion, running_suite
 
 MODEL = DEFAULT_MODEL_ID
 FAST_FAILOVER = {"TRELLIS_HEARTBEAT_SECONDS": "0.5", "TRELLIS_RECLAIM_IDLE_SECONDS": "2",
@@ -30,34 +29,23 @@ def suite(redis_url: str, default_model_dir: Path, tmp_path_factory: pytest.Temp
     logs = tmp_path_factory.mktemp("fault-logs")
     with running_suite(db_url, default_model_dir.parent, MODEL, logs, workers=2, **FAST_FAILOVER) as base:
         deadline = time.monotonic() + 120
-        while len(_workers(base)) < 2 and time.monotonic() < deadline:
+        while len(live_workers(base)) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
         yield base, db_url
-
-
-def _workers(base: str) -> list[dict]:
-    with urllib.request.urlopen(f"{base}/v1/workers", timeout=10) as resp:
-        return json.loads(resp.read())["data"]
-
-
-def _post(base: str, body: dict):
-    req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(req, timeout=300)
 
 
 def test_worker_killed_mid_stream_resumes_without_gap_or_duplicate(suite) -> None:
     base, _ = suite
     body = {"model": MODEL, "prompt": "The history of the printing press begins", "max_tokens": 48,
             "temperature": 0, "ignore_eos": True}
-    with _post(base, body) as resp:
+    with open_completion(base, body) as resp:
         expected = json.loads(resp.read())
     want_text = expected["choices"][0]["text"]
 
     pieces: list[str] = []
     usage = None
     killed = None
-    with _post(base, {**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
+    with open_completion(base, {**body, "stream": True, "stream_options": {"include_usage": True}}) as resp:
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -69,14 +57,14 @@ def test_worker_killed_mid_stream_resumes_without_gap_or_duplicate(suite) -> Non
             for c in chunk["choices"]:
                 pieces.append(c.get("text") or "")
             if killed is None and len(pieces) >= 8:
-                busy = [w for w in _workers(base) if int(w["active"]) > 0]
+                busy = [w for w in live_workers(base) if int(w["active"]) > 0]
                 assert len(busy) == 1, busy
                 killed = int(busy[0]["pid"])
                 os.kill(killed, signal.SIGKILL)
     assert killed is not None
     assert "".join(pieces) == want_text
     assert usage is not None and usage["completion_tokens"] == expected["usage"]["completion_tokens"]
-    assert killed not in [int(w["pid"]) for w in _workers(base)]
+    assert killed not in [int(w["pid"]) for w in live_workers(base)]
 
 
 def test_entry_delivered_too_often_is_dead_lettered_with_an_error_event(suite) -> None:
