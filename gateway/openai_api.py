@@ -14,7 +14,7 @@ from typing import Any
 
 from gateway.errors import ApiError, invalid
 from shared.settings import Settings
-from shared.wire import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS, SamplingParams
+from shared.wire import SamplingParams, SpeculativeError, check_speculative
 
 COMPLETIONS = "completions"
 CHAT = "chat.completions"
@@ -222,24 +222,10 @@ def _sampling_params(f: _Fields, settings: Settings, *, n: int, max_tokens: int 
 def _speculative(value: Any) -> dict[str, Any] | None:
     """Our extension: ``{"method": "off" | "ngram" | "draft", "num_tokens": k}``, both optional (docs/speculative.md).
     Whether the serving worker offers the method is its own check (a 400 from it when not)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise invalid(f"'speculative' must be an object, got {_json_type(value)}.", "speculative")
-    f = _Fields(value, prefix="speculative.")
-    unknown = sorted(set(value) - {"method", "num_tokens"})
-    if unknown:
-        raise invalid(f"'speculative' has unknown fields {unknown}; allowed: method, num_tokens.", "speculative")
-    out: dict[str, Any] = {}
-    method = f.str("method", None)
-    if method is not None:
-        if method not in SPECULATIVE_METHODS:
-            raise invalid(f"'speculative.method' must be one of {list(SPECULATIVE_METHODS)}.", "speculative.method")
-        out["method"] = method
-    num_tokens = f.int("num_tokens", None, lo=0, hi=MAX_SPECULATIVE_TOKENS)
-    if num_tokens is not None:
-        out["num_tokens"] = num_tokens
-    return out
+    try:
+        return check_speculative(value)
+    except SpeculativeError as exc:
+        raise invalid(f"{exc}.", exc.param) from None
 
 
 def _stream_flags(f: _Fields) -> tuple[bool, bool]:

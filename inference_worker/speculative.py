@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.wire import MAX_SPECULATIVE_TOKENS
-from shared.wire import SPECULATIVE_METHODS as METHODS
+from shared.wire import check_speculative
 
 
 @dataclass
@@ -90,21 +89,15 @@ class SpecRequest:
 def resolve_request(
     override: Mapping[str, Any] | None, default_method: str, default_tokens: int, available: Sequence[str]
 ) -> SpecRequest:
-    """A request's ``speculative`` field ({"method", "num_tokens"}, both optional) over the worker's defaults.
-    ValueError names what is wrong; ``available`` are the methods this worker can run."""
-    override = dict(override or {})
-    unknown = set(override) - {"method", "num_tokens"}
-    if unknown:
-        raise ValueError(f"speculative has unknown fields {sorted(unknown)}; allowed: method, num_tokens")
-    method = override.get("method", default_method)
-    if method not in METHODS:
-        raise ValueError(f"speculative method {method!r} is not one of {list(METHODS)}")
+    """A request's ``speculative`` field ({"method", "num_tokens"}, both optional) over the worker's defaults, both
+    checked by ``wire.check_speculative``. ValueError names what is wrong; ``available`` are the methods this worker
+    can run."""
+    override = check_speculative(override) or {}
+    merged = check_speculative({"method": default_method, "num_tokens": default_tokens, **override})
+    assert merged is not None
+    method, num_tokens = merged["method"], merged["num_tokens"]
     if method != "off" and method not in available:
         raise ValueError(f"speculative method {method!r} is not available on this worker (it has {list(available)})")
-    num_tokens = override.get("num_tokens", default_tokens)
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
-        limit = MAX_SPECULATIVE_TOKENS
-        raise ValueError(f"speculative num_tokens must be an integer in [0, {limit}], got {num_tokens!r}")
     return SpecRequest(method, num_tokens)
 
 

@@ -18,6 +18,41 @@ SPECULATIVE_METHODS = ("off", "ngram", "draft")
 MAX_SPECULATIVE_TOKENS = 16  # longest draft a request may ask for: beyond this a miss wastes more than a hit saves
 
 
+class SpeculativeError(ValueError):
+    """A malformed ``speculative`` field; ``param`` names the part at fault (for the gateway's 400)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def check_speculative(value: Any) -> dict[str, Any] | None:
+    """A request's ``speculative`` field with its shape checked: None, or {"method"?, "num_tokens"?}. The gateway
+    and the worker both check it here; whether a worker offers the method is the worker's own question."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SpeculativeError(f"'speculative' must be an object, got {type(value).__name__}", "speculative")
+    unknown = sorted(set(value) - {"method", "num_tokens"})
+    if unknown:
+        message = f"'speculative' has unknown fields {unknown}; allowed: method, num_tokens"
+        raise SpeculativeError(message, "speculative")
+    method = value.get("method")
+    if method is not None and not (isinstance(method, str) and method in SPECULATIVE_METHODS):
+        raise SpeculativeError(
+            f"'speculative.method' {method!r} is not one of {list(SPECULATIVE_METHODS)}", "speculative.method"
+        )
+    num_tokens = value.get("num_tokens")
+    if num_tokens is not None and (
+        isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS
+    ):
+        raise SpeculativeError(
+            f"'speculative.num_tokens' must be an integer in [0, {MAX_SPECULATIVE_TOKENS}], got {num_tokens!r}",
+            "speculative.num_tokens",
+        )
+    return {key: v for key, v in value.items() if v is not None}
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
