@@ -34,16 +34,21 @@ import traceback
 import warnings
 from pathlib import Path
 
+import tokenizers
 import torch
+from tokenizers import pre_tokenizers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference_worker.batch import ForwardBatch  # noqa: E402
+from inference_worker.engine import Engine, EngineConfig  # noqa: E402
 from inference_worker.exl3_linear import PATHS, Exl3Linear, exl3_path  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache  # noqa: E402
 from inference_worker.loader import load_model  # noqa: E402
 from inference_worker.models.decoder import DecoderConfig, DecoderModel  # noqa: E402
 from shared.exl3_synth import PRESETS, Preset, synth_model  # noqa: E402
+from shared.tokenizer import ModelTokenizer  # noqa: E402
+from shared.wire import GenerationRequest, SamplingParams  # noqa: E402
 
 TINY = Preset(96, 2, 2, 1, 160, 200, False, 10000.0, 512, 1e-5, 1, 2)  # hidden 96 pads to 128: padding exercised
 PAGE_SIZE = 16
@@ -243,7 +248,8 @@ class PagedDecoder:
 
 
 def best_tok_s(res: dict) -> float:
-    return max(res.get(k, 0.0) for k in ("eager_tok_s", "static_tok_s", "graph_tok_s"))
+    engine = [res.get(k, {}).get("tok_s", 0.0) for k in ("engine_off", "engine_auto")]
+    return max(*(res.get(k, 0.0) for k in ("eager_tok_s", "static_tok_s", "graph_tok_s")), *engine)
 
 
 def match_fraction(a: list[list[int]], b: list[list[int]]) -> float:
@@ -294,6 +300,49 @@ def run_ours(
     res["first_tokens"] = eager_tokens[: min(4, steps)]
     del dec
     return res
+
+
+def byte_tokenizer() -> ModelTokenizer:
+    """A 256-token byte-level tokenizer: the engine needs one for pieces and eos; a synthetic model's ids past it
+    detokenize to nothing, which costs the same as real text."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    return ModelTokenizer(tok, name="bytes")
+
+
+def run_engine(
+    model: DecoderModel, config: DecoderConfig, batch: int, prompt_len: int, steps: int, graphs: str
+) -> dict:
+    """The worker's own engine (scheduler, sampling, detokenizing, events) decoding ``batch`` greedy requests:
+    tokens/s over the steps after every prefill is done. ``graphs``: EngineConfig.decode_graphs."""
+    cfg = EngineConfig(
+        device=str(model.embed.weight.device),
+        max_batch_size=max(batch, 1),
+        max_batch_tokens=max(2048, batch * prompt_len),
+        kv_page_size=PAGE_SIZE,
+        kv_cache_tokens=batch * PAGE_SIZE * -(-(prompt_len + steps + 1) // PAGE_SIZE),
+        max_model_len=prompt_len + steps + 1,
+        decode_graphs=graphs,
+    )
+    engine = Engine(model, config, byte_tokenizer(), cfg)
+    params = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+
+    def generate() -> tuple[float, int]:
+        for i, ids in enumerate(prompts(batch, prompt_len, config.vocab_size)):
+            engine.add_request(GenerationRequest(f"r{i}", "bench", ids, params))
+        while engine.scheduler.waiting or any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.running):
+            engine.step()  # prefill (not timed)
+        sync(engine.device)
+        start, tokens = time.perf_counter(), 0
+        while engine.has_work():
+            tokens += sum(len(e["token_ids"]) for _, e in engine.step() if e["type"] == "delta")
+        return time.perf_counter() - start, tokens
+
+    generate()  # captures this batch's graphs, compiles its kernels
+    seconds, tokens = generate()
+    return {"tok_s": tokens / seconds, "tokens": tokens, **engine.stats()}
 
 
 def build_hf(p: Preset, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
@@ -439,8 +488,11 @@ def print_table(r: dict) -> None:
     step_gib = r["weight_bytes_per_step"] / 2**30
     print(f"copy bandwidth {r['copy_GBps']:.0f} GB/s; weight bytes per step {step_gib:.3f} GiB; speeds in tokens/s")
     hf = r.get("transformers", {})
-    print(f"| batch | ours eager | ours fixed buffers | transformers {r['dtype']} | speed-up | of 4-bit roofline |")
-    print("|---|---|---|---|---|---|")
+    print(
+        f"| batch | ours eager | ours fixed buffers | engine, graphs off / on | transformers {r['dtype']} | speed-up "
+        "| of 4-bit roofline |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for b in r["ours"]:
         best = best_tok_s(b)
         mode = "graph" if "graph_tok_s" in b or "graph_error" in b else "static"
@@ -449,7 +501,13 @@ def print_table(r: dict) -> None:
             fixed = f"{b[f'{mode}_tok_s']:.1f} ({mode}; same tokens: {b[f'{mode}_matches_eager']:.0%})"
         base = hf.get(f"batch{b['batch']}", {}).get("tok_s")
         base_s, speedup = (f"{base:.1f}", f"{best / base:.2f}x") if base else ("-", "-")
-        cells = [str(b["batch"]), f"{b['eager_tok_s']:.1f}", fixed, base_s, speedup, f"{b['roofline_fraction']:.0%}"]
+        engine = " / ".join(
+            f"{b[k]['tok_s']:.1f}" if "tok_s" in b.get(k, {}) else "failed"
+            for k in ("engine_off", "engine_auto", "engine_static")
+            if k in b
+        )
+        cells = [str(b["batch"]), f"{b['eager_tok_s']:.1f}", fixed, engine, base_s, speedup]
+        cells.append(f"{b['roofline_fraction']:.0%}")
         print("| " + " | ".join(cells) + " |")
     print(f"total {time.monotonic() - T0:.0f} s")
 
@@ -519,6 +577,13 @@ def main(argv: list[str] | None = None) -> int:
             res["roofline_fraction"] = best / roofline
             if "peak_minus_kv_bytes" in res:
                 res["peak_minus_kv_over_file"] = res["peak_minus_kv_bytes"] / mem["file_bytes"]
+            for mode in ("off", "auto" if device.type == "cuda" else "static"):
+                try:
+                    res[f"engine_{mode}"] = run_engine(model, config, batch, args.prompt_len, steps, mode)
+                    log(f"engine batch {batch}, decode graphs {mode}: {res[f'engine_{mode}']['tok_s']:.1f} tok/s")
+                except Exception as exc:  # keep the other numbers
+                    traceback.print_exc()
+                    res[f"engine_{mode}"] = {"error": f"{type(exc).__name__}: {exc}"}
             r["ours"].append(res)
         del model
         if device.type == "cuda":

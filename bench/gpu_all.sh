@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 for s in "${steps[@]}"; do
   case $s in
-    kernels-test) step kernels-test "${T_KERNELS_TEST:-120}" python -m pytest -q -x -p no:cacheprovider tests/gpu ;;
+    kernels-test) step kernels-test "${T_KERNELS_TEST:-120}" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu ;;
     quantize) step quantize "${T_QUANTIZE:-300}" python bench/quantize.py --bits "${QUANT_BITS:-4,3,2,5}" \
                 --tiles 256 --json "$OUT/quantize.json" ;;
     e2e) step e2e "${T_E2E:-150}" python bench/e2e_decode.py --batches "${E2E_BATCHES:-1,8,32}" --out "$OUT" ;;

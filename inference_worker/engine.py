@@ -20,6 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import build_batch
+from inference_worker.cuda_graphs import DecodeGraphs, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
@@ -61,6 +62,9 @@ class EngineConfig:
     speculative_method: str = "off"  # the default for requests that do not say: off | ngram | draft
     speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
     speculative_max_batch: int = 16  # with more decoding sequences than this, nobody speculates (compute-bound)
+    # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
+    # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
+    decode_graphs: str = "auto"
 
 
 class RequestError(ValueError):
@@ -131,9 +135,10 @@ class Engine:
         self.scheduler = Scheduler(
             num_pages, cfg.kv_page_size, cfg.max_batch_size, cfg.max_batch_tokens, prefix_caching=cfg.prefix_caching
         )
+        graphs_mode = _decode_graphs_mode(cfg.decode_graphs, self.device, model)
         self.cache = PagedKVCache(
             model_config.num_hidden_layers,
-            num_pages,
+            num_pages + (graphs_mode != "off"),  # decode graphs park their padding rows in one extra page
             cfg.kv_page_size,
             model_config.num_key_value_heads,
             model_config.head_dim,
@@ -143,6 +148,17 @@ class Engine:
         )
         # the longest sequence (prompt + output) served: the model's context, and never more than the cache holds
         self.max_model_len = min(cfg.max_model_len, self.scheduler.capacity_tokens)
+        self.decode_graphs = None
+        if graphs_mode != "off":
+            self.decode_graphs = DecodeGraphs(
+                model,
+                self.cache,
+                cfg.max_batch_size,
+                self.max_model_len,
+                scratch_page=num_pages,
+                num_heads=model_config.num_attention_heads,
+                capture=graphs_mode == "auto",
+            )
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
         self._requests: dict[str, _Request] = {}
         self._choices: dict[str, _Choice] = {}  # by seq_id
@@ -202,6 +218,7 @@ class Engine:
             speculative_method=settings.speculative_method,
             speculative_tokens=settings.speculative_tokens,
             speculative_max_batch=settings.speculative_max_batch,
+            decode_graphs="auto" if settings.cuda_graphs else "off",
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id)
         return cls(model, config, tokenizer, cfg, metrics, proposers)
@@ -246,6 +263,8 @@ class Engine:
             "waiting": len(s.waiting),
             "kv_usage": s.kv_usage,
             "pages_free": s.num_free_pages,
+            "decode_graphs": 0 if self.decode_graphs is None else self.decode_graphs.num_graphs,
+            "decode_graph_steps": 0 if self.decode_graphs is None else self.decode_graphs.replays,
             "pages_total": s.num_pages,
         }
 
@@ -445,7 +464,10 @@ class Engine:
         guesses, all in one batch; a verification per sequence with guesses."""
         batch = build_batch(plan.scheduled, self.device)
         with torch.inference_mode():
-            logits = self.model.forward(batch, self.cache)
+            if self.decode_graphs is not None and self.decode_graphs.eligible(batch):
+                logits = self.decode_graphs.forward(batch)
+            else:
+                logits = self.model.forward(batch, self.cache)
             plain: list[tuple[_Choice, int]] = []
             speculative: list[tuple[_Choice, ScheduledSeq, int]] = []
             row = 0
@@ -581,6 +603,15 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------------
+def _decode_graphs_mode(mode: str, device: torch.device, model: Any) -> str:
+    """What ``EngineConfig.decode_graphs`` means here: "auto" captures only on CUDA, for models that allow it."""
+    if mode not in ("auto", "off", "static"):
+        raise ValueError(f"decode_graphs must be auto, off or static, got {mode!r}")
+    if mode == "auto" and (device.type != "cuda" or not graphs_supported(model)):
+        return "off"
+    return mode
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -81,6 +81,7 @@ class Settings:
     speculative_draft_model: str = ""  # model id under models_dir that guesses for method "draft" ("": none)
     speculative_draft_cache_tokens: int = 0  # the draft model's own KV cache; 0: room for every speculating sequence
     max_model_len: int = 0  # 0: the model's own context length
+    cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (dense models; docs/worker.md)
     heartbeat_seconds: float = 2.0
     # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner
     # refreshes its entries every heartbeat, so only a dead worker's entries ever get this idle).

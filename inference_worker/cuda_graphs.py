@@ -1,0 +1,189 @@
+"""Decode steps replayed from CUDA graphs.
+
+A decode step (every sequence feeds exactly one token) launches hundreds of small kernels whose host-side cost, not
+the GPU, sets the pace at small batch. ``DecodeGraphs`` captures the whole forward once per shape and replays it:
+
+- Shapes are bucketed: the batch is padded up to the next of ``BATCH_BUCKETS``, and the attention plan is built for
+  a context bucket (1K, 4K, 16K, ... tokens, capped at the served length), so a handful of graphs serve every step.
+  Each is captured on first use (a one-off cost of about three eager forwards) and kept; all share one memory pool.
+- Every graph owns fixed input buffers (a ``ForwardBatch``) and an attention plan whose per-sequence context lengths
+  live on the device; a step copies its tokens, positions, slots and block tables into them and replays.
+- Padding rows feed token 0 at position 0 into a scratch page of the KV cache that the scheduler never hands out
+  (``scratch_page``), with a one-token context, so they neither read nor write a real sequence's cache.
+
+``capture=False`` runs the same buffers through the forward directly instead of replaying: the bookkeeping (bucketing,
+padding, the scratch page) is then checkable on the CPU against the plain forward.
+Models whose forward needs the host mid-step (mixture-of-experts routing counts tokens per expert) are not eligible.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inference_worker.batch import ForwardBatch, pages_for
+from inference_worker.kv_cache import PagedKVCache
+
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_CONTEXT_BUCKET = 1024
+CONTEXT_BUCKET_GROWTH = 4
+
+
+def batch_bucket(num_seqs: int, max_batch: int) -> int:
+    """The padded batch size a step of ``num_seqs`` sequences runs at: the smallest bucket that holds it, and never
+    past ``max_batch`` (itself the last bucket when it is not one of ``BATCH_BUCKETS``)."""
+    if not 1 <= num_seqs <= max_batch:
+        raise ValueError(f"a decode graph holds 1 to {max_batch} sequences, got {num_seqs}")
+    return next((b for b in BATCH_BUCKETS if num_seqs <= b <= max_batch), max_batch)
+
+
+def context_bucket(context_len: int, max_context: int) -> int:
+    """The context length an attention plan is built for: 1K, 4K, 16K, ... tokens, at most ``max_context``."""
+    if not 1 <= context_len <= max_context:
+        raise ValueError(f"a decode graph serves contexts of 1 to {max_context} tokens, got {context_len}")
+    bucket = MIN_CONTEXT_BUCKET
+    while bucket < context_len:
+        bucket *= CONTEXT_BUCKET_GROWTH
+    return min(bucket, max_context)
+
+
+def graphs_supported(model: Any) -> bool:
+    """Whether ``model``'s forward can be captured: no step of it may wait on the host (MoE routing does)."""
+    config = getattr(model, "config", None)
+    return config is not None and getattr(config, "moe", None) is None
+
+
+@dataclass(eq=False)
+class _Graph:
+    """One captured shape: its input buffers, the plan's device-side context lengths, and the output."""
+
+    batch: ForwardBatch
+    ctx_len: torch.Tensor | None  # the attention plan's per-sequence context lengths (CUDA only)
+    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """Runs decode-only ``ForwardBatch``es of ``model`` over ``cache`` through captured graphs (see module doc)."""
+
+    def __init__(
+        self,
+        model: Any,
+        cache: PagedKVCache,
+        max_batch: int,
+        max_context: int,
+        scratch_page: int,
+        num_heads: int,
+        capture: bool = True,
+    ) -> None:
+        if not 0 <= scratch_page < cache.num_pages:
+            raise ValueError(f"scratch page {scratch_page} is not a page of a {cache.num_pages}-page cache")
+        if capture and cache.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, the cache is on {cache.device}")
+        self.model, self.cache = model, cache
+        self.max_batch, self.max_context = max_batch, max_context
+        self.scratch_page, self.num_heads = scratch_page, num_heads
+        self.capture = capture
+        self.device = cache.device
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._pool: Any = torch.cuda.graph_pool_handle() if capture else None
+        self.replays = 0  # steps served from a graph (or from the static buffers when not capturing)
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def eligible(self, batch: ForwardBatch) -> bool:
+        """A decode-only step within the captured limits whose every sequence wants its one logits row."""
+        return (
+            0 < batch.num_seqs <= self.max_batch
+            and batch.num_tokens == batch.num_seqs
+            and int(batch.logits_indices.shape[0]) == batch.num_seqs
+            and max(batch.context_lens) <= self.max_context
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """float32 logits [num_seqs, vocab] of a decode-only step, exactly what ``model.forward`` would give."""
+        if not self.eligible(batch):
+            raise ValueError("DecodeGraphs.forward takes a decode-only batch within its limits; check eligible()")
+        n = batch.num_seqs
+        key = (batch_bucket(n, self.max_batch), context_bucket(max(batch.context_lens), self.max_context))
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._build(*key)
+        self._load(g, batch)
+        self.replays += 1
+        if g.graph is not None:
+            g.graph.replay()
+            assert g.logits is not None
+            return g.logits[:n]
+        with torch.inference_mode():
+            return self.model.forward(g.batch, self.cache)[:n]
+
+    def _load(self, g: _Graph, batch: ForwardBatch) -> None:
+        """Copy the step into the graph's buffers; rows past it become padding again (they may hold an earlier,
+        larger step's sequences, whose slots must not be written)."""
+        s, n = g.batch, batch.num_seqs
+        s.input_ids[:n].copy_(batch.input_ids)
+        s.positions[:n].copy_(batch.positions)
+        s.slot_mapping[:n].copy_(batch.slot_mapping)
+        width = min(batch.block_tables.shape[1], s.block_tables.shape[1])
+        s.block_tables[:n, :width].copy_(batch.block_tables[:, :width])
+        self._pad(g, n)
+        if g.ctx_len is not None:
+            g.ctx_len[:n].copy_(batch.positions + 1)  # a decode token's context ends at it
+        if g.graph is None:  # run directly: the torch reference reads the host-side lengths
+            s.context_lens[:] = [*batch.context_lens, *[1] * (len(s.context_lens) - n)]
+
+    def _pad(self, g: _Graph, first: int) -> None:
+        s = g.batch
+        s.input_ids[first:].zero_()
+        s.positions[first:].zero_()
+        s.slot_mapping[first:].fill_(self.scratch_page * self.cache.page_size)
+        s.block_tables[first:, 0].fill_(self.scratch_page)
+        if g.ctx_len is not None:
+            g.ctx_len[first:].fill_(1)
+
+    def _build(self, num_seqs: int, context: int) -> _Graph:
+        device = self.device
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+
+        batch = ForwardBatch(
+            input_ids=zeros(num_seqs),
+            positions=zeros(num_seqs),
+            query_lens=[1] * num_seqs,
+            # the host-side lengths only bound the plan and its checks; the kernel reads ctx_len on the device
+            context_lens=[context] * num_seqs,
+            block_tables=zeros(num_seqs, pages_for(context, self.cache.page_size)),
+            slot_mapping=zeros(num_seqs),
+            logits_indices=torch.arange(num_seqs, device=device),
+        )
+        g = _Graph(batch, None)
+        if device.type == "cuda":
+            from kernels.paged_attention import plan_attention  # triton compiles only where it runs
+
+            plan = plan_attention(batch.query_lens, batch.context_lens, self.num_heads, self.cache.num_kv_heads, device)
+            batch._attention_plan = plan  # type: ignore[attr-defined] # read by inference_worker.attention.attend_paged
+            g.ctx_len = plan.ctx_len
+        self._pad(g, 0)
+        if self.capture:
+            self._capture(g)
+        return g
+
+    def _capture(self, g: _Graph) -> None:
+        """Warm up (compiles every kernel, settles the allocator) on a side stream, then capture. Every row is
+        padding meanwhile, so capturing writes only the scratch page."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):
+                self.model.forward(g.batch, self.cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
+            g.logits = self.model.forward(g.batch, self.cache)
+        g.graph = graph

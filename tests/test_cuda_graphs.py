@@ -1,0 +1,170 @@
+"""Decode graphs (inference_worker/cuda_graphs.py): bucketing, padding rows that touch only the scratch page, and an
+engine whose decode steps go through the graphs' fixed buffers giving exactly the plain engine's tokens.
+
+On the CPU the graphs run in "static" mode (the same buffers, the forward run directly instead of replayed); the GPU
+suite (tests/gpu) checks captured replay against the eager forward.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from inference_worker.batch import Chunk, build_batch
+from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, context_bucket, graphs_supported
+from inference_worker.engine import Engine
+from inference_worker.kv_cache import PagedKVCache
+from inference_worker.loader import load_model
+from shared.wire import GenerationRequest
+from tests.test_engine import PROMPTS, greedy, loaded, make_engine, run, tokens_of  # noqa: F401 - fixture
+from tests.tiny_models import write_tiny_llama
+
+PAGE = 4
+
+
+def test_batch_bucket_pads_up_to_the_next_bucket_but_never_past_the_largest_batch() -> None:
+    assert [batch_bucket(n, 32) for n in (1, 2, 3, 5, 9, 13, 17, 25, 32)] == [1, 2, 4, 8, 12, 16, 24, 32, 32]
+    assert batch_bucket(5, 6) == 6  # 8 would pass the largest batch: the largest batch is its own bucket
+    with pytest.raises(ValueError, match="1 to 6"):
+        batch_bucket(7, 6)
+
+
+def test_context_bucket_grows_fourfold_and_stops_at_the_served_length() -> None:
+    assert [context_bucket(n, 100_000) for n in (1, 1024, 1025, 4096, 5000, 70_000)] == [
+        1024, 1024, 4096, 4096, 16384, 100_000
+    ]  # fmt: skip
+    assert context_bucket(10, 512) == 512
+    with pytest.raises(ValueError, match="1 to 512"):
+        context_bucket(513, 512)
+
+
+def test_models_that_wait_on_the_host_mid_step_are_not_captured() -> None:
+    assert graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=None)))
+    assert not graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=object())))
+    assert not graphs_supported(object())
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    model, config = load_model(write_tiny_llama(tmp_path_factory.mktemp("tiny")), "cpu", torch.float32)
+    return model, config
+
+
+def _cache(config, num_pages: int) -> PagedKVCache:
+    return PagedKVCache(
+        config.num_hidden_layers, num_pages, PAGE, config.num_key_value_heads, config.head_dim, torch.float32, "cpu"
+    )
+
+
+def _chunk(tokens: list[int], start: int, pages: list[int]) -> Chunk:
+    positions = list(range(start, start + len(tokens)))
+    slots = [pages[p // PAGE] * PAGE + p % PAGE for p in positions]
+    return Chunk(tokens, positions, slots, pages)
+
+
+def test_a_padded_decode_step_equals_the_plain_forward_and_writes_only_its_slots_and_the_scratch_page(tiny) -> None:
+    model, config = tiny
+    prompts = [[5, 9, 3, 7, 1, 2], [8, 8, 4], [10, 11, 12, 13, 14, 15, 16, 17, 18]]
+    pages = [[0, 1, 2], [3, 4], [5, 6, 7]]  # page 8 is the scratch page
+    cache = _cache(config, 9)
+    with torch.inference_mode():
+        model.forward(build_batch([_chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)], "cpu"), cache)
+    reference = _cache(config, 9)
+    for layer in range(config.num_hidden_layers):
+        reference.k[layer].copy_(cache.k[layer])
+        reference.v[layer].copy_(cache.v[layer])
+
+    graphs = DecodeGraphs(model, cache, max_batch=8, max_context=64, scratch_page=8, num_heads=2, capture=False)
+    for step in range(3):  # 3 sequences run in a batch of 4: one padding row
+        chunks = [
+            _chunk([20 + step + i], len(p) + step, pg) for i, (p, pg) in enumerate(zip(prompts, pages, strict=True))
+        ]
+        decode = build_batch(chunks, "cpu")
+        assert graphs.eligible(decode)
+        with torch.inference_mode():
+            expected = model.forward(decode, reference)
+        got = graphs.forward(decode)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert graphs.num_graphs == 1 and graphs.replays == 3
+    for layer in range(config.num_hidden_layers):  # every page but the scratch page matches (up to batch-size rounding)
+        torch.testing.assert_close(cache.k[layer][:8], reference.k[layer][:8], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.v[layer][:8], reference.v[layer][:8], rtol=1e-4, atol=1e-5)
+        assert cache.k[layer][8, 0].abs().sum() > 0  # the padding row wrote there
+
+
+def test_a_smaller_step_after_a_larger_one_turns_the_freed_rows_back_into_padding(tiny) -> None:
+    model, config = tiny
+    cache = _cache(config, 6)
+    graphs = DecodeGraphs(model, cache, max_batch=4, max_context=32, scratch_page=5, num_heads=2, capture=False)
+    graphs.forward(build_batch([_chunk([1 + i], 0, [i]) for i in range(4)], "cpu"))
+    for layer in range(config.num_hidden_layers):
+        cache.k[layer][3].zero_()
+        cache.v[layer][3].zero_()
+    graphs.forward(build_batch([_chunk([1 + i], 1, [i]) for i in range(3)], "cpu"))  # the same bucket, one row less
+    assert graphs.num_graphs == 1
+    for layer in range(config.num_hidden_layers):  # the fourth row's old slot was not written again
+        assert not cache.k[layer][3].any() and not cache.v[layer][3].any()
+        assert cache.k[layer][2, 1].any()
+
+
+def test_steps_that_are_not_plain_decodes_are_not_eligible(tiny) -> None:
+    model, config = tiny
+    graphs = DecodeGraphs(model, _cache(config, 4), max_batch=2, max_context=16, scratch_page=3, num_heads=2,
+                          capture=False)  # fmt: skip
+    assert not graphs.eligible(build_batch([_chunk([1, 2], 0, [0])], "cpu"))  # a prefill chunk
+    assert not graphs.eligible(build_batch([_chunk([1], 0, [0])] * 3, "cpu"))  # more sequences than the largest
+    assert not graphs.eligible(build_batch([_chunk([1], 20, [0, 1, 2, 0, 1, 2])], "cpu"))  # past max_context
+    with pytest.raises(ValueError, match="decode-only"):
+        graphs.forward(build_batch([_chunk([1, 2], 0, [0])], "cpu"))
+    with pytest.raises(ValueError, match="scratch page 4"):
+        DecodeGraphs(model, _cache(config, 4), 2, 16, scratch_page=4, num_heads=2, capture=False)
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeGraphs(model, _cache(config, 4), 2, 16, scratch_page=3, num_heads=2, capture=True)
+
+
+def test_engine_decoding_through_the_graph_buffers_gives_the_plain_engines_tokens(loaded) -> None:  # noqa: F811
+    tok = loaded[2].tokenizer
+    lengths = [3, 12, 5, 9, 1, 7]  # the batch shrinks step by step through the buckets 8, 4, 2, 1
+    reqs = [
+        GenerationRequest(f"r{i}", "m", tok.encode(p).ids, greedy(n))
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=False))
+    ]
+    plain = run(make_engine(loaded, decode_graphs="off"), reqs)
+    engine = make_engine(loaded, decode_graphs="static")
+    assert engine.cache.num_pages == engine.scheduler.num_pages + 1  # the scratch page is the scheduler's to never use
+    late = GenerationRequest("late", "m", tok.encode(PROMPTS[6]).ids, greedy(6))  # joins mid-way: a mixed step
+    for req in reqs:
+        engine.add_request(req)
+    events: dict[str, list[dict]] = {}
+    for step in range(500):
+        if step == 4:
+            engine.add_request(late)
+        if not engine.has_work():
+            break
+        for request_id, event in engine.step():
+            events.setdefault(request_id, []).append(event)
+    for req in reqs:
+        assert tokens_of(events[req.id]) == tokens_of(plain[req.id]), req.id
+    alone = run(make_engine(loaded, decode_graphs="off"), [late])
+    assert tokens_of(events["late"]) == tokens_of(alone["late"])
+    stats = engine.stats()
+    assert stats["decode_graphs"] >= 3 and stats["decode_graph_steps"] >= 10
+    assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
+
+
+def test_unknown_decode_graphs_mode_is_refused(loaded) -> None:  # noqa: F811
+    with pytest.raises(ValueError, match="decode_graphs"):
+        make_engine(loaded, decode_graphs="sometimes")
+    assert make_engine(loaded).decode_graphs is None  # "auto" on the CPU: nothing to capture
+
+
+def test_settings_switch_graphs_off(default_model_dir: Path) -> None:
+    from shared.settings import Settings
+
+    engine = Engine.from_settings(
+        default_model_dir, Settings(device="cpu", kv_cache_tokens=256, max_model_len=256, cuda_graphs=False)
+    )
+    assert engine.cfg.decode_graphs == "off" and engine.decode_graphs is None
