@@ -1,15 +1,19 @@
 """Decode steps replayed from CUDA graphs.
 
-A decode step (every sequence feeds exactly one token) launches hundreds of small kernels whose host-side cost, not
-the GPU, sets the pace at small batch. ``DecodeGraphs`` captures the whole forward once per shape and replays it:
+A decode step (every sequence feeds its one known token, or that token and k guesses to verify) launches hundreds
+of small kernels whose host-side cost, not the GPU, sets the pace at small batch. ``DecodeGraphs`` captures the whole
+forward once per shape and replays it:
 
-- Shapes are bucketed: the batch is padded up to the next of ``BATCH_BUCKETS``, and the attention plan is built for
-  a context bucket (1K, 4K, 16K, ... tokens, capped at the served length), so a handful of graphs serve every step.
-  Each is captured on first use (a one-off cost of about three eager forwards) and kept; all share one memory pool.
+- Shapes are bucketed: the batch is padded up to the next of ``BATCH_BUCKETS``, every sequence feeds the same number
+  of tokens ``q`` (1 for plain decode; 1 + guesses when verifying: the engine pads shorter guesses), and the
+  attention plan is built for a context bucket (1K, 4K, 16K, ... tokens, capped at the served length), so a handful
+  of graphs serve every step. Each is captured on first use (about three eager forwards) and kept; all share one
+  memory pool.
 - Every graph owns fixed input buffers (a ``ForwardBatch``) and an attention plan whose per-sequence context lengths
   live on the device; a step copies its tokens, positions, slots and block tables into them and replays.
-- Padding rows feed token 0 at position 0 into a scratch page of the KV cache that the scheduler never hands out
-  (``scratch_page``), with a one-token context, so they neither read nor write a real sequence's cache.
+- Padding (whole sequences past the real batch, and tokens past a sequence's real guesses) writes its K/V into a
+  scratch page of the KV cache that the scheduler never hands out (``scratch_page``); its logits are ignored. Padding
+  sequences see only their own ``q``-token context in that page, so they never read or write a real sequence's cache.
 
 ``capture=False`` runs the same buffers through the forward directly instead of replaying: the bookkeeping (bucketing,
 padding, the scratch page) is then checkable on the CPU against the plain forward.
@@ -60,13 +64,15 @@ class _Graph:
     """One captured shape: its input buffers, the plan's device-side context lengths, and the output."""
 
     batch: ForwardBatch
+    tokens_per_seq: int
     ctx_len: torch.Tensor | None  # the attention plan's per-sequence context lengths (CUDA only)
     graph: torch.cuda.CUDAGraph | None = None
     logits: torch.Tensor | None = None
 
 
 class DecodeGraphs:
-    """Runs decode-only ``ForwardBatch``es of ``model`` over ``cache`` through captured graphs (see module doc)."""
+    """Runs decode and verification ``ForwardBatch``es of ``model`` over ``cache`` through captured graphs (see the
+    module doc): every sequence feeds the same number of tokens, at most ``max_query``, and wants logits for each."""
 
     def __init__(
         self,
@@ -76,18 +82,21 @@ class DecodeGraphs:
         max_context: int,
         scratch_page: int,
         num_heads: int,
+        max_query: int = 1,
         capture: bool = True,
     ) -> None:
         if not 0 <= scratch_page < cache.num_pages:
             raise ValueError(f"scratch page {scratch_page} is not a page of a {cache.num_pages}-page cache")
+        if not 1 <= max_query <= cache.page_size:
+            raise ValueError(f"max_query must be 1 to the page size {cache.page_size}, got {max_query}")
         if capture and cache.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device, the cache is on {cache.device}")
         self.model, self.cache = model, cache
-        self.max_batch, self.max_context = max_batch, max_context
+        self.max_batch, self.max_context, self.max_query = max_batch, max_context, max_query
         self.scratch_page, self.num_heads = scratch_page, num_heads
         self.capture = capture
         self.device = cache.device
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # steps served from a graph (or from the static buffers when not capturing)
 
@@ -95,21 +104,32 @@ class DecodeGraphs:
     def num_graphs(self) -> int:
         return len(self._graphs)
 
+    @property
+    def scratch_slot(self) -> int:
+        """A KV slot no sequence owns: where the engine sends the K/V of the tokens it pads guesses with."""
+        return self.scratch_page * self.cache.page_size
+
     def eligible(self, batch: ForwardBatch) -> bool:
-        """A decode-only step within the captured limits whose every sequence wants its one logits row."""
+        """Every sequence feeds the same number of tokens (at most ``max_query``) and wants the logits of each (of
+        its one token, for plain decode), within the batch and context limits."""
+        q = batch.query_lens[0] if batch.query_lens else 0
         return (
             0 < batch.num_seqs <= self.max_batch
-            and batch.num_tokens == batch.num_seqs
-            and int(batch.logits_indices.shape[0]) == batch.num_seqs
+            and 1 <= q <= self.max_query
+            and batch.num_tokens == q * batch.num_seqs
+            and all(ql == q for ql in batch.query_lens)
+            and int(batch.logits_indices.shape[0]) == batch.num_tokens
             and max(batch.context_lens) <= self.max_context
         )
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """float32 logits [num_seqs, vocab] of a decode-only step, exactly what ``model.forward`` would give."""
+        """float32 logits [num_tokens, vocab] of the step, what ``model.forward`` would give for it."""
         if not self.eligible(batch):
-            raise ValueError("DecodeGraphs.forward takes a decode-only batch within its limits; check eligible()")
-        n = batch.num_seqs
-        key = (batch_bucket(n, self.max_batch), context_bucket(max(batch.context_lens), self.max_context))
+            raise ValueError(
+                "DecodeGraphs.forward takes a uniform decode/verify batch within its limits; see eligible()"
+            )
+        n, q = batch.num_seqs, batch.query_lens[0]
+        key = (batch_bucket(n, self.max_batch), q, context_bucket(max(batch.context_lens), self.max_context))
         g = self._graphs.get(key)
         if g is None:
             g = self._graphs[key] = self._build(*key)
@@ -118,51 +138,57 @@ class DecodeGraphs:
         if g.graph is not None:
             g.graph.replay()
             assert g.logits is not None
-            return g.logits[:n]
+            return g.logits[: n * q]
         with torch.inference_mode():
-            return self.model.forward(g.batch, self.cache)[:n]
+            return self.model.forward(g.batch, self.cache)[: n * q]
 
     def _load(self, g: _Graph, batch: ForwardBatch) -> None:
-        """Copy the step into the graph's buffers; rows past it become padding again (they may hold an earlier,
+        """Copy the step into the graph's buffers; sequences past it become padding again (they may hold an earlier,
         larger step's sequences, whose slots must not be written)."""
-        s, n = g.batch, batch.num_seqs
-        s.input_ids[:n].copy_(batch.input_ids)
-        s.positions[:n].copy_(batch.positions)
-        s.slot_mapping[:n].copy_(batch.slot_mapping)
+        s, n, q = g.batch, batch.num_seqs, g.tokens_per_seq
+        s.input_ids[: n * q].copy_(batch.input_ids)
+        s.positions[: n * q].copy_(batch.positions)
+        s.slot_mapping[: n * q].copy_(batch.slot_mapping)
         width = min(batch.block_tables.shape[1], s.block_tables.shape[1])
         s.block_tables[:n, :width].copy_(batch.block_tables[:, :width])
         self._pad(g, n)
         if g.ctx_len is not None:
-            g.ctx_len[:n].copy_(batch.positions + 1)  # a decode token's context ends at it
+            g.ctx_len[:n].copy_(batch.positions.view(n, q)[:, -1] + 1)  # a sequence's context ends at its last token
         if g.graph is None:  # run directly: the torch reference reads the host-side lengths
-            s.context_lens[:] = [*batch.context_lens, *[1] * (len(s.context_lens) - n)]
+            s.context_lens[:] = [*batch.context_lens, *[q] * (len(s.context_lens) - n)]
 
     def _pad(self, g: _Graph, first: int) -> None:
-        s = g.batch
-        s.input_ids[first:].zero_()
-        s.positions[first:].zero_()
-        s.slot_mapping[first:].fill_(self.scratch_page * self.cache.page_size)
+        """Sequences ``first``.. feed ``q`` tokens at positions 0..q-1 of the scratch page, and see only those."""
+        s, q = g.batch, g.tokens_per_seq
+        rows = s.input_ids.shape[0] - first * q
+        if rows == 0:
+            return
+        s.input_ids[first * q :].zero_()
+        offsets = torch.arange(q, device=self.device).repeat(rows // q)
+        s.positions[first * q :].copy_(offsets)
+        s.slot_mapping[first * q :].copy_(offsets + self.scratch_slot)
         s.block_tables[first:, 0].fill_(self.scratch_page)
         if g.ctx_len is not None:
-            g.ctx_len[first:].fill_(1)
+            g.ctx_len[first:].fill_(q)
 
-    def _build(self, num_seqs: int, context: int) -> _Graph:
+    def _build(self, num_seqs: int, q: int, context: int) -> _Graph:
         device = self.device
 
         def zeros(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
+        context = max(context, q)
         batch = ForwardBatch(
-            input_ids=zeros(num_seqs),
-            positions=zeros(num_seqs),
-            query_lens=[1] * num_seqs,
+            input_ids=zeros(num_seqs * q),
+            positions=zeros(num_seqs * q),
+            query_lens=[q] * num_seqs,
             # the host-side lengths only bound the plan and its checks; the kernel reads ctx_len on the device
             context_lens=[context] * num_seqs,
             block_tables=zeros(num_seqs, pages_for(context, self.cache.page_size)),
-            slot_mapping=zeros(num_seqs),
-            logits_indices=torch.arange(num_seqs, device=device),
+            slot_mapping=zeros(num_seqs * q),
+            logits_indices=torch.arange(num_seqs * q, device=device),
         )
-        g = _Graph(batch, None)
+        g = _Graph(batch, q, None)
         if device.type == "cuda":
             from kernels.paged_attention import plan_attention  # triton compiles only where it runs
 
@@ -175,7 +201,7 @@ class DecodeGraphs:
         return g
 
     def _capture(self, g: _Graph) -> None:
-        """Warm up (compiles every kernel, settles the allocator) on a side stream, then capture. Every row is
+        """Warm up (compiles every kernel, settles the allocator) on a side stream, then capture. Every sequence is
         padding meanwhile, so capturing writes only the scratch page."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

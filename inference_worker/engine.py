@@ -19,7 +19,7 @@ import tokenizers
 import torch
 from prometheus_client import CollectorRegistry
 
-from inference_worker.batch import build_batch
+from inference_worker.batch import Chunk, ForwardBatch, build_batch
 from inference_worker.cuda_graphs import DecodeGraphs, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
@@ -157,6 +157,7 @@ class Engine:
                 self.max_model_len,
                 scratch_page=num_pages,
                 num_heads=model_config.num_attention_heads,
+                max_query=min(1 + cfg.speculative_tokens, cfg.kv_page_size),
                 capture=graphs_mode == "auto",
             )
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
@@ -462,11 +463,14 @@ class Engine:
     def _forward_and_sample(self, plan: StepPlan, events: list[Event]) -> None:
         """Run the plan's forward, then emit every sampling sequence's token(s): one plain draw per sequence without
         guesses, all in one batch; a verification per sequence with guesses."""
-        batch = build_batch(plan.scheduled, self.device)
+        graph_step = self._graph_batch(plan)
         with torch.inference_mode():
-            if self.decode_graphs is not None and self.decode_graphs.eligible(batch):
+            if graph_step is not None:
+                batch, stride = graph_step
+                assert self.decode_graphs is not None
                 logits = self.decode_graphs.forward(batch)
             else:
+                batch, stride = build_batch(plan.scheduled, self.device), 0
                 logits = self.model.forward(batch, self.cache)
             plain: list[tuple[_Choice, int]] = []
             speculative: list[tuple[_Choice, ScheduledSeq, int]] = []
@@ -479,14 +483,31 @@ class Engine:
                     speculative.append((c, item, row))
                 else:
                     plain.append((c, row))
-                row += 1 + len(item.draft_ids)
-            plain_logits = logits[[r for _, r in plain]] if speculative else logits  # no copy without guesses
+                row += stride or 1 + len(item.draft_ids)
+            padded = speculative or stride > 1
+            plain_logits = logits[[r for _, r in plain]] if padded else logits  # no copy without guesses
             tokens = sample(plain_logits, [c.sampling for c, _ in plain]) if plain else []
             now = time.monotonic()
             for (c, _), token in zip(plain, tokens, strict=True):
                 self._on_token(c, token, now, events)
             for c, item, start in speculative:
                 self._verify(c, item.draft_ids, logits[start : start + 1 + len(item.draft_ids)], now, events)
+
+    def _graph_batch(self, plan: StepPlan) -> tuple[ForwardBatch, int] | None:
+        """The step as a decode graph takes it, with the rows each sequence spans, or None to run it eagerly.
+
+        Only steps where every sequence samples from its last known token (plus its guesses, if any) qualify; a
+        sequence with fewer guesses than the longest is padded with copies of its last token whose K/V go to the
+        scratch slot and whose logits are never read."""
+        graphs = self.decode_graphs
+        if graphs is None or not all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled):
+            return None
+        q = max(i.query_len for i in plan.scheduled)
+        if q > graphs.max_query:
+            return None
+        chunks = [item if item.query_len == q else _pad_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
+        batch = build_batch(chunks, self.device)
+        return (batch, q) if graphs.eligible(batch) else None
 
     # -- per token ----------------------------------------------------------------------------------------------------
     def _on_token(self, c: _Choice, token: SampledToken, now: float, events: list[Event]) -> None:
@@ -603,6 +624,20 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------------
+def _pad_chunk(item: ScheduledSeq, length: int, scratch_slot: int) -> Chunk:
+    """``item`` fed as ``length`` tokens: its own, then copies of its last one at the next positions, written to
+    ``scratch_slot``; every row gets logits (the padding's are ignored)."""
+    pad = length - item.query_len
+    last = item.positions[-1]
+    return Chunk(
+        token_ids=[*item.token_ids, *[item.token_ids[-1]] * pad],
+        positions=[*item.positions, *range(last + 1, last + 1 + pad)],
+        slot_mapping=[*item.slot_mapping, *[scratch_slot] * pad],
+        block_table=item.block_table,
+        num_logits=length,
+    )
+
+
 def _decode_graphs_mode(mode: str, device: torch.device, model: Any) -> str:
     """What ``EngineConfig.decode_graphs`` means here: "auto" captures only on CUDA, for models that allow it."""
     if mode not in ("auto", "off", "static"):

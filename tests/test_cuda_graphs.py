@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import Chunk, build_batch
 from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, context_bucket, graphs_supported
@@ -110,6 +111,33 @@ def test_a_smaller_step_after_a_larger_one_turns_the_freed_rows_back_into_paddin
         assert cache.k[layer][2, 1].any()
 
 
+def test_a_verification_step_of_several_tokens_per_sequence_equals_the_plain_forward(tiny) -> None:
+    model, config = tiny
+    prompts = [[5, 9, 3, 7, 1], [8, 8, 4, 2, 2, 2, 2, 9, 1]]
+    pages = [[0, 1, 2], [3, 4, 5]]
+    cache, reference = _cache(config, 7), _cache(config, 7)
+    prefill = build_batch([_chunk(p, 0, pg) for p, pg in zip(prompts, pages, strict=True)], "cpu")
+    with torch.inference_mode():
+        model.forward(prefill, cache)
+        model.forward(prefill, reference)
+    graphs = DecodeGraphs(model, cache, 4, 64, scratch_page=6, num_heads=2, max_query=4, capture=False)
+    chunks = [_chunk([p[-1], 30, 31], len(p), pg) for p, pg in zip(prompts, pages, strict=True)]  # last token + 2
+    chunks = [Chunk(c.token_ids, c.positions, c.slot_mapping, c.block_table, num_logits=3) for c in chunks]
+    verify = build_batch(chunks, "cpu")
+    assert graphs.eligible(verify)
+    with torch.inference_mode():
+        expected = model.forward(verify, reference)
+    torch.testing.assert_close(graphs.forward(verify), expected, rtol=1e-5, atol=1e-5)
+    assert list(graphs._graphs) == [(2, 3, 64)]
+    for layer in range(config.num_hidden_layers):
+        torch.testing.assert_close(cache.k[layer][:6], reference.k[layer][:6], rtol=1e-4, atol=1e-5)
+    only_last = build_batch([Chunk(c.token_ids, c.positions, c.slot_mapping, c.block_table) for c in chunks], "cpu")
+    assert not graphs.eligible(only_last)  # verification needs every row's logits
+    five = _chunk([1, 2, 3, 4, 5], 10, [0, 1, 2, 3])
+    five = Chunk(five.token_ids, five.positions, five.slot_mapping, five.block_table, num_logits=5)
+    assert not graphs.eligible(build_batch([five, five], "cpu"))  # more tokens per sequence than max_query
+
+
 def test_steps_that_are_not_plain_decodes_are_not_eligible(tiny) -> None:
     model, config = tiny
     graphs = DecodeGraphs(model, _cache(config, 4), max_batch=2, max_context=16, scratch_page=3, num_heads=2,
@@ -117,7 +145,7 @@ def test_steps_that_are_not_plain_decodes_are_not_eligible(tiny) -> None:
     assert not graphs.eligible(build_batch([_chunk([1, 2], 0, [0])], "cpu"))  # a prefill chunk
     assert not graphs.eligible(build_batch([_chunk([1], 0, [0])] * 3, "cpu"))  # more sequences than the largest
     assert not graphs.eligible(build_batch([_chunk([1], 20, [0, 1, 2, 0, 1, 2])], "cpu"))  # past max_context
-    with pytest.raises(ValueError, match="decode-only"):
+    with pytest.raises(ValueError, match="uniform decode"):
         graphs.forward(build_batch([_chunk([1, 2], 0, [0])], "cpu"))
     with pytest.raises(ValueError, match="scratch page 4"):
         DecodeGraphs(model, _cache(config, 4), 2, 16, scratch_page=4, num_heads=2, capture=False)
@@ -153,6 +181,28 @@ def test_engine_decoding_through_the_graph_buffers_gives_the_plain_engines_token
     stats = engine.stats()
     assert stats["decode_graphs"] >= 3 and stats["decode_graph_steps"] >= 10
     assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
+
+
+def test_speculative_verification_through_the_graph_buffers_keeps_greedy_output(loaded) -> None:  # noqa: F811
+    tok = loaded[2].tokenizer
+    texts = ["one two three four one two three four one two", "a b c d e f a b c d e f a b", PROMPTS[3]]
+    spec = {"method": "ngram", "num_tokens": 4}
+    reqs = [GenerationRequest(f"s{i}", "m", tok.encode(t).ids, greedy(10 + 3 * i)) for i, t in enumerate(texts)]
+    spec_reqs = [
+        GenerationRequest(r.id, "m", r.prompt_ids, greedy(r.params.max_tokens, speculative=spec)) for r in reqs
+    ]
+    plain = run(make_engine(loaded, decode_graphs="off"), reqs)
+    registry = CollectorRegistry()
+    engine = make_engine(loaded, registry, decode_graphs="static")
+    graphed = run(engine, spec_reqs)
+    for req in reqs:
+        assert tokens_of(graphed[req.id]) == tokens_of(plain[req.id]), req.id
+    verify_shapes = [key for key in engine.decode_graphs._graphs if key[1] > 1]
+    assert verify_shapes, "no verification step went through the graph buffers"
+    accepted = registry.get_sample_value(
+        "trellis_spec_decode_num_accepted_tokens_total", {"model": "smollm2", "method": "ngram"}
+    )
+    assert accepted and accepted > 0
 
 
 def test_unknown_decode_graphs_mode_is_refused(loaded) -> None:  # noqa: F811
