@@ -161,7 +161,7 @@ async def prompt_token_ids(parsed: ParsedRequest, state: GatewayState) -> list[i
     check_vocabulary(parsed, tokenizer.vocab_size)
     if parsed.endpoint == CHAT:
         try:
-            ids = await asyncio.to_thread(tokenizer.chat_prompt_ids, parsed.messages)
+            ids = await asyncio.to_thread(tokenizer.chat_prompt_ids, parsed.messages, parsed.chat_template)
         except ChatTemplateError as exc:  # the template's raise_exception(), or the model has no template
             raise errors.invalid(str(exc), "messages") from exc
         param = "messages"

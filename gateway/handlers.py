@@ -17,7 +17,15 @@ from gateway import errors
 from gateway.admission import admit
 from gateway.auth import ADMIN, USER, principal_of, require_scope
 from gateway.generation import complete, stream
-from gateway.openai_api import CHAT, COMPLETIONS, decode_json_object, parse_generation, parse_messages, parse_token_ids
+from gateway.openai_api import (
+    CHAT,
+    COMPLETIONS,
+    decode_json_object,
+    parse_chat_template_options,
+    parse_generation,
+    parse_messages,
+    parse_token_ids,
+)
 from gateway.registry import WorkerInfo, context_length
 from gateway.state import GatewayState, state_of
 from shared.tokenizer import ChatTemplateError
@@ -90,7 +98,8 @@ async def tokenize(request: web.Request) -> web.Response:
     if "messages" in body:
         messages = parse_messages(body["messages"])
         try:
-            tokens = await asyncio.to_thread(tokenizer.chat_prompt_ids, messages)
+            options = parse_chat_template_options(body)
+            tokens = await asyncio.to_thread(tokenizer.chat_prompt_ids, messages, options)
         except ChatTemplateError as exc:
             raise errors.invalid(str(exc), "messages") from exc
     else:

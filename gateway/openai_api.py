@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import ApiError, invalid
 from shared.settings import Settings
+from shared.tokenizer import RESERVED_TEMPLATE_VARIABLES, ChatTemplateOptions
 from shared.wire import SamplingParams, SpeculativeError, check_speculative
 
 COMPLETIONS = "completions"
@@ -36,6 +37,7 @@ class ParsedRequest:
     max_tokens: int | None  # what the client asked for; None means "the rest of the context"
     prompt: str | list[int] | None = None  # completions: text, or token ids
     messages: list[dict[str, Any]] | None = None  # chat
+    chat_template: ChatTemplateOptions = field(default_factory=ChatTemplateOptions)  # chat
     stream: bool = False
     include_usage: bool = False
     add_special_tokens: bool = True  # completions text prompts (vLLM's extra); chat templates add their own
@@ -119,11 +121,30 @@ def parse_chat(body: dict[str, Any], settings: Settings) -> ParsedRequest:
         params=params,
         max_tokens=max_tokens,
         messages=messages,
+        chat_template=parse_chat_template_options(body),
         stream=stream,
         include_usage=include_usage,
         queue_timeout=f.optional_number("queue_timeout", lo=0.0, lo_open=True),
         deadline=f.optional_number("deadline", lo=0.0, lo_open=True),
     )
+
+
+def parse_chat_template_options(body: dict[str, Any]) -> ChatTemplateOptions:
+    """vLLM's extras for chat: ``add_generation_prompt`` (default true) and ``chat_template_kwargs``, extra variables
+    for the template (e.g. Qwen3's ``{"enable_thinking": false}``); names the renderer sets itself are refused."""
+    f = _Fields(body)
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        extra = {}
+    if not isinstance(extra, dict):
+        raise invalid(f"'chat_template_kwargs' must be an object, got {_json_type(extra)}.", "chat_template_kwargs")
+    reserved = sorted(set(extra) & RESERVED_TEMPLATE_VARIABLES)
+    if reserved:
+        raise invalid(
+            f"'chat_template_kwargs' may not set {', '.join(reserved)}: the request's own fields set those.",
+            "chat_template_kwargs",
+        )
+    return ChatTemplateOptions(f.bool("add_generation_prompt", True), extra)
 
 
 def parse_prompt(prompt: Any, param: str = "prompt") -> str | list[int]:

@@ -14,6 +14,7 @@ from aiohttp import web
 from gateway.openai_api import CHAT_ROLES, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 from gateway.state import state_of
 from shared.settings import Settings
+from shared.tokenizer import RESERVED_TEMPLATE_VARIABLES
 from shared.wire import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 
 JSON = "application/json"
@@ -282,6 +283,15 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
             },
         },
     }
+    chat_template_options = {
+        "add_generation_prompt": {"type": "boolean", "description": "end the prompt with the assistant's turn opener"},
+        "chat_template_kwargs": {
+            "type": "object",
+            "description": 'extra chat template variables, e.g. {"enable_thinking": false}; not messages, tools, '
+            "documents, add_generation_prompt or the special token names",
+            "not": {"anyOf": [{"required": [name]} for name in sorted(RESERVED_TEMPLATE_VARIABLES)]},
+        },
+    }
     message = {
         "type": "object",
         "required": ["role", "content"],
@@ -349,6 +359,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 **sampling,
                 "messages": {"type": "array", "minItems": 1, "items": message},
                 "max_completion_tokens": sampling["max_tokens"],
+                **chat_template_options,
                 "logprobs": {"type": "boolean"},
                 "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_CHAT_TOP_LOGPROBS},
                 "response_format": {
@@ -365,6 +376,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "model": sampling["model"],
                 "prompt": {"type": "string"},
                 "messages": {"type": "array", "minItems": 1, "items": message},
+                **chat_template_options,
                 "add_special_tokens": {"type": "boolean"},
             },
         },

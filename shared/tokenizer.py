@@ -13,6 +13,7 @@ model was trained and evaluated with: a sandboxed Jinja environment with ``trim_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,20 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Older names for a message's reasoning; templates read `reasoning_content` (and gpt-oss ones `thinking`).
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+# Variables the renderer sets itself; a request's extra template variables (chat_template_kwargs) may not.
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {"messages", "tools", "documents", "add_generation_prompt", *SPECIAL_TOKEN_NAMES}
+)
+
+
+@dataclass(frozen=True)
+class ChatTemplateOptions:
+    """How a chat request wants its conversation rendered (vLLM's request extras)."""
+
+    add_generation_prompt: bool = True
+    variables: dict[str, Any] = field(default_factory=dict)  # extra template variables, e.g. {"enable_thinking": False}
 
 
 class ChatTemplateError(ValueError):
@@ -96,12 +111,21 @@ class ModelTokenizer:
 
     # -- chat --------------------------------------------------------------------------------------------------------
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+        variables: dict[str, Any] | None = None,
     ) -> str:
-        """The conversation rendered with the model's own template, as ``transformers`` renders it."""
+        """The conversation rendered with the model's own template, as ``transformers`` renders it; ``variables``
+        are extra template variables (transformers' ``**kwargs``), none of ``RESERVED_TEMPLATE_VARIABLES``."""
+        reserved = sorted(set(variables or ()) & RESERVED_TEMPLATE_VARIABLES)
+        if reserved:
+            raise ValueError(f"template variables {', '.join(reserved)} are set by the renderer itself")
         template = self._template(tools)
         try:
             return template.render(
+                **(variables or {}),
                 messages=_normalize_messages(messages),
                 tools=tools,
                 documents=None,
@@ -112,10 +136,15 @@ class ModelTokenizer:
             raise ChatTemplateError(f"the chat template of {self.name} rejected the conversation: {exc}") from exc
 
     def chat_prompt_ids(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list[dict] | None = None
+        self,
+        messages: list[dict[str, Any]],
+        options: ChatTemplateOptions | None = None,
+        tools: list[dict] | None = None,
     ) -> list[int]:
         """Token ids of the rendered conversation: BOS exactly once, whether or not the template wrote it."""
-        ids = self.encode(self.apply_chat_template(messages, add_generation_prompt, tools), add_special_tokens=False)
+        options = options or ChatTemplateOptions()
+        text = self.apply_chat_template(messages, options.add_generation_prompt, tools, options.variables)
+        ids = self.encode(text, add_special_tokens=False)
         if self._adds_bos and (not ids or ids[0] != self.bos_token_id):
             ids.insert(0, self.bos_token_id)
         return ids

@@ -212,6 +212,22 @@ def test_qwen3_reasoning_is_rendered_in_think_tags(pairs: dict[str, Pair]) -> No
     assert "Two plus three" not in rendered and "<|im_start|>assistant\n5<|im_end|>" in rendered
 
 
+def test_qwen3_thinking_switch_reaches_the_template_as_transformers_passes_it(pairs: dict[str, Pair]) -> None:
+    pair, messages = pairs["qwen3"], CONVERSATIONS["reasoning"][:1]
+    for enable in (False, True):
+        expected = pair.theirs.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=enable
+        )
+        rendered = pair.ours.apply_chat_template(messages, variables={"enable_thinking": enable})
+        assert rendered == expected
+    assert rendered != pair.ours.apply_chat_template(messages, variables={"enable_thinking": False})
+    assert pair.ours.apply_chat_template(messages, variables={"enable_thinking": False}).endswith(
+        "<think>\n\n</think>\n\n"
+    )
+    with pytest.raises(ValueError, match="messages"):
+        pair.ours.apply_chat_template(messages, variables={"messages": []})
+
+
 @pytest.mark.parametrize(
     ("family", "messages", "message"),
     [

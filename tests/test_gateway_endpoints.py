@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.tokenizer import ModelTokenizer
+from shared.tokenizer import ChatTemplateOptions, ModelTokenizer
 from tests.gateway_harness import (
     WorkerPeer,
     announce_worker,
@@ -123,6 +123,27 @@ async def test_tokenize_messages_applies_the_chat_template(model_client, tokeniz
     assert body["tokens"] == tokenizer.chat_prompt_ids(messages)
     assert body["max_model_len"] is None  # no live worker reports a context
     assert len(body["tokens"]) > len(tokenizer.encode("Hello there", add_special_tokens=False))
+
+
+async def test_chat_template_options_reach_the_template(model_client, tokenizer: ModelTokenizer) -> None:
+    client, model = model_client
+    messages = [{"role": "user", "content": "Hello there"}]
+    body = {"model": model, "messages": messages, "add_generation_prompt": False}
+    tokens = (await (await client.post("/v1/tokenize", json=body)).json())["tokens"]
+    assert tokens == tokenizer.chat_prompt_ids(messages, ChatTemplateOptions(add_generation_prompt=False))
+    assert tokens != tokenizer.chat_prompt_ids(messages)
+    # extra variables go to the template (this one ignores unknown names: the prompt is unchanged)
+    body = {"model": model, "messages": messages, "chat_template_kwargs": {"enable_thinking": False}}
+    assert (await (await client.post("/v1/tokenize", json=body)).json())["tokens"] == tokenizer.chat_prompt_ids(
+        messages
+    )
+    for bad in ([1], {"messages": []}, {"bos_token": "x"}):
+        resp = await client.post("/v1/chat/completions", json={"model": model, "messages": messages,
+                                                                "chat_template_kwargs": bad})  # fmt: skip
+        assert resp.status == 400
+        assert (await resp.json())["error"]["param"] == "chat_template_kwargs"
+    resp = await client.post("/v1/tokenize", json={"model": model, "messages": messages, "add_generation_prompt": 1})
+    assert resp.status == 400 and (await resp.json())["error"]["param"] == "add_generation_prompt"
 
 
 @pytest.mark.parametrize(
