@@ -102,6 +102,10 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--windows", type=int, default=16, help="number of windows scored")
     parser.add_argument("--ctx", type=int, default=512, help="tokens per window")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--kv-bits", default="fp16", help="KV cache of the evaluated model, as TRELLIS_KV_BITS: fp16 or K,V (e.g. 4,4)"
+    )
+    parser.add_argument("--no-key-centering", action="store_true", help="store quantized keys as they are")
     return parser
 
 
@@ -109,10 +113,14 @@ def cli_eval(argv: list[str]) -> int:
     """``trellis eval --model DIR [--reference DIR] --text FILE [--windows N --ctx N]``."""
     args = eval_parser().parse_args(argv)
     from converter_worker.eval import evaluate, format_result
+    from inference_worker.kv_cache import parse_kv_bits
 
     try:
         text = args.text.read_text(encoding="utf-8")
-        result = evaluate(args.model, text, args.reference, args.windows, args.ctx, args.device)
+        kv_bits = parse_kv_bits(args.kv_bits)
+        result = evaluate(
+            args.model, text, args.reference, args.windows, args.ctx, args.device, kv_bits, not args.no_key_centering
+        )
     except (OSError, ValueError, KeyError) as exc:
         print(f"trellis eval: {exc}", file=sys.stderr)
         return 1

@@ -4,6 +4,10 @@ The text is tokenized once (no BOS) and cut into consecutive windows of ``ctx`` 
 sequence through the serving model's own forward (paged KV cache, ``logits_indices`` on every row), and every token
 after the first of a window is scored: ``windows * (ctx - 1)`` predictions. Both models are run in float32.
 KL is KL(reference || model) per position, averaged.
+
+``kv_bits`` runs the model through a quantized KV cache (keys centered as the worker centers them, unless
+``key_centering`` is off); the reference is then the reference model or, without one, the same model with an
+unquantized cache: the figure is what the cache setting alone costs.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_worker.batch import ForwardBatch
-from inference_worker.kv_cache import PagedKVCache
+from inference_worker.key_centering import measure_key_offsets
+from inference_worker.kv_cache import KVBits, PagedKVCache
 from inference_worker.loader import load_model
 from shared.tokenizer import ModelTokenizer
 
@@ -45,15 +50,23 @@ def text_windows(tokenizer: ModelTokenizer, text: str, windows: int, ctx: int) -
 
 
 @torch.inference_mode()
-def sequence_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """float32 logits [len, vocab] for every position of one sequence, through the model's paged forward."""
+def sequence_logits(
+    model: nn.Module,
+    ids: torch.Tensor,
+    kv_bits: KVBits = (None, None),
+    key_offsets: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """float32 logits [len, vocab] for every position of one sequence, through the model's paged forward (and a
+    cache at ``kv_bits``, storing keys minus ``key_offsets`` when given)."""
     config = model.config
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     n = ids.shape[0]
     pages = -(-n // PAGE_SIZE)
     cache = PagedKVCache(
-        config.num_hidden_layers, pages, PAGE_SIZE, config.num_key_value_heads, config.head_dim, torch.float32, device
-    )
+        config.num_hidden_layers, pages, PAGE_SIZE, config.num_key_value_heads, config.head_dim, torch.float32, device,
+        kv_bits,
+    )  # fmt: skip
+    cache.key_offsets = key_offsets
     batch = ForwardBatch(
         input_ids=ids.to(device),
         positions=torch.arange(n, device=device),
@@ -79,17 +92,24 @@ def evaluate(
     windows: int = 16,
     ctx: int = 512,
     device: str = "auto",
+    kv_bits: KVBits = (None, None),
+    key_centering: bool = True,
 ) -> EvalResult:
-    """Score ``model_dir`` on ``text`` (and compare with ``reference_dir`` when given), both in float32."""
+    """Score ``model_dir`` on ``text`` (and compare with ``reference_dir`` when given, or with itself over an
+    unquantized cache when ``kv_bits`` quantizes), both in float32."""
     dev = _device(device)
     tokenizer = ModelTokenizer.from_dir(model_dir)
     batches = text_windows(tokenizer, text, windows, ctx)
     model, _ = load_model(Path(model_dir), dev, torch.float32)
     reference = load_model(Path(reference_dir), dev, torch.float32)[0] if reference_dir is not None else None
+    quantized = kv_bits != (None, None)
+    if reference is None and quantized:
+        reference = model  # what the cache setting alone costs
+    offsets = measure_key_offsets(model, tokenizer) if kv_bits[0] is not None and key_centering else None
     nll = ref_nll = kl = 0.0
     agree = scored = 0
     for row in batches:
-        logits = sequence_logits(model, row)[:-1]
+        logits = sequence_logits(model, row, kv_bits, offsets)[:-1]
         targets = row[1:].to(logits.device)
         logp = F.log_softmax(logits, dim=-1)
         nll += -logp.gather(1, targets.unsqueeze(1)).sum().item()

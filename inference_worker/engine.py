@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 from inference_worker.batch import Chunk, ForwardBatch, build_batch
 from inference_worker.cuda_graphs import DecodeGraphs, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
+from inference_worker.key_centering import measure_key_offsets
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
@@ -65,6 +66,7 @@ class EngineConfig:
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"
+    kv_key_centering: bool = True  # a quantized key cache stores keys minus each layer's mean key (key_centering.py)
 
 
 class RequestError(ValueError):
@@ -146,6 +148,8 @@ class Engine:
             self.device,
             kv_bits=cfg.kv_bits,
         )
+        if cfg.kv_bits[0] is not None and cfg.kv_key_centering:
+            self.cache.key_offsets = measure_key_offsets(model, tokenizer)
         # the longest sequence (prompt + output) served: the model's context, and never more than the cache holds
         self.max_model_len = min(cfg.max_model_len, self.scheduler.capacity_tokens)
         self.decode_graphs = None
@@ -220,6 +224,7 @@ class Engine:
             speculative_tokens=settings.speculative_tokens,
             speculative_max_batch=settings.speculative_max_batch,
             decode_graphs="auto" if settings.cuda_graphs else "off",
+            kv_key_centering=settings.kv_key_centering,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id)
         return cls(model, config, tokenizer, cfg, metrics, proposers)

@@ -95,6 +95,9 @@ class PagedKVCache:
         # One set of pages per layer so a layer's pages are contiguous for the attention kernel.
         self.k: list[torch.Tensor | QuantPages] = [pages(kv_bits[0]) for _ in range(num_layers)]
         self.v: list[torch.Tensor | QuantPages] = [pages(kv_bits[1]) for _ in range(num_layers)]
+        # Per layer, a [kv_heads, head_dim] vector subtracted from every key before it is stored (key_centering.py):
+        # attention is blind to a shift shared by all keys, and quantized keys lose less with it removed.
+        self.key_offsets: list[torch.Tensor] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -114,6 +117,8 @@ class PagedKVCache:
         expected = (slot_mapping.shape[0], self.num_kv_heads, self.head_dim)
         if tuple(k.shape) != expected or tuple(v.shape) != expected:
             raise ValueError(f"k/v must have shape {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.key_offsets is not None:
+            k = k - self.key_offsets[layer]
         for pages, x in ((self.k[layer], k), (self.v[layer], v)):
             if isinstance(pages, QuantPages):
                 if self.device.type == "cuda":

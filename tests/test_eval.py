@@ -66,3 +66,16 @@ def test_cli_prints_the_figures_and_names_bad_paths(tiny: Path, capsys: pytest.C
     assert "perplexity" in out and "KL divergence        0.00000" in out and "top-1 agreement      1.0000" in out
     assert cli_eval(["--model", str(tiny), "--text", str(tiny / "missing.txt")]) == 1
     assert "missing.txt" in capsys.readouterr().err
+
+
+def test_kv_bits_compare_the_model_with_itself_over_an_unquantized_cache(
+    tiny: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kl = {bits: evaluate(tiny, EVAL_TEXT, windows=2, ctx=64, device="cpu", kv_bits=bits).kl_divergence
+          for bits in [(8, 8), (2, 2)]}  # fmt: skip
+    assert 0 < kl[(8, 8)] < kl[(2, 2)]
+    args = ["--model", str(tiny), "--text", str(EVAL_FILE), "--windows", "1", "--ctx", "32", "--device", "cpu"]
+    assert cli_eval([*args, "--kv-bits", "3,4"]) == 0
+    assert "KL divergence" in capsys.readouterr().out  # the reference is the model itself with an fp cache
+    assert cli_eval([*args, "--kv-bits", "9,4"]) == 1
+    assert "key bits must be between 2 and 8" in capsys.readouterr().err

@@ -7,21 +7,12 @@ exercise embeddings and channels that ordinary text rarely reaches.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import tokenizers
 import torch
 
-CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "calibration_text"
+from shared.calibration import calibration_text
+
 RANDOM_ROW_FRACTION = 0.1
-
-
-def calibration_text(directory: Path = CALIBRATION_DIR) -> str:
-    """Every ``*.txt`` in the calibration folder, in name order, joined by blank lines."""
-    files = sorted(directory.glob("*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no calibration text (*.txt) in {directory}")
-    return "\n\n".join(f.read_text(encoding="utf-8").replace("\r\n", "\n") for f in files)
 
 
 def calibration_rows(
