@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference_worker.batch import ForwardBatch  # noqa: E402
+from inference_worker.cuda_graphs import DecodeGraphs  # noqa: E402
 from inference_worker.exl3_linear import Exl3Linear  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache  # noqa: E402
 from inference_worker.layers import DenseLinear, Linear, RMSNorm  # noqa: E402
@@ -165,9 +166,11 @@ class DecodeRun:
         self.model, self.batch, self.context, self.page_size = model, batch, context, page_size
         self.pages_per_seq = -(-(context + steps + 8) // page_size)
         device = model.embed.weight.device
+        self.scratch_page = batch * self.pages_per_seq  # one page more: decode graphs park padding rows there
+        self.max_context = context + steps + 8
         self.cache = PagedKVCache(
             cfg.num_hidden_layers,
-            batch * self.pages_per_seq,
+            batch * self.pages_per_seq + 1,
             page_size,
             cfg.num_key_value_heads,
             cfg.head_dim,
@@ -184,7 +187,8 @@ class DecodeRun:
         length = self.context + self.step_index + 1
         return self.batch * length * self.cache.bytes_per_token()
 
-    def step(self) -> torch.Tensor:
+    def step(self, graphs: DecodeGraphs | None = None) -> torch.Tensor:
+        """One decode step of every sequence: eagerly, or replayed from ``graphs``."""
         pos = self.context + self.step_index
         slots = self.tables[:, pos // self.page_size] * self.page_size + pos % self.page_size
         batch = ForwardBatch(
@@ -197,7 +201,7 @@ class DecodeRun:
             logits_indices=torch.arange(self.batch, device=self.device),
         )
         with torch.inference_mode():
-            logits = self.model(batch, self.cache)
+            logits = graphs.forward(batch) if graphs is not None else self.model(batch, self.cache)
         self.tokens = logits.argmax(-1)
         self.step_index += 1
         return logits
@@ -256,8 +260,29 @@ def linears_floor_ms(model: DecoderModel, batch: int, group_sizes: list[list[int
     return do_bench(graph.replay, warmup=10, rep=100, return_mode="median")
 
 
+def graph_decode(model: DecoderModel, run: DecodeRun, steps: int) -> dict:
+    """The same decode steps replayed from CUDA graphs, as the worker runs them (every expert over the step's tokens,
+    see inference_worker/moe.py): tokens/s, and how far the first replayed step's logits are from an eager step's."""
+    graphs = DecodeGraphs(
+        model, run.cache, run.batch, run.max_context, run.scratch_page, model.config.num_attention_heads
+    )
+    index, tokens = run.step_index, run.tokens.clone()
+    graphed = run.step(graphs).clone()  # captures
+    run.step_index, run.tokens = index, tokens
+    eager = run.step()
+    rel = float((graphed - eager).norm() / eager.norm())
+    sync("cuda")
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run.step(graphs)
+    sync("cuda")
+    elapsed = time.perf_counter() - t0
+    return {"graph_tokens_per_s": run.batch * steps / elapsed, "graph_step_ms": 1000 * elapsed / steps,
+            "graph_vs_eager_logits_rel_err": rel}  # fmt: skip
+
+
 def bench_batch(model: DecoderModel, batch: int, args: argparse.Namespace, bandwidth: float) -> dict:
-    run = DecodeRun(model, batch, args.context, args.warmup + args.count_steps + args.steps)
+    run = DecodeRun(model, batch, args.context, args.warmup + args.count_steps + 2 * args.steps + 2)
     for _ in range(args.warmup):
         run.step()
     routing = record_routing(model, run, args.count_steps)
@@ -294,6 +319,11 @@ def bench_batch(model: DecoderModel, batch: int, args: argparse.Namespace, bandw
     }
     result["fraction_of_roofline"] = tokens_per_s / result["roofline_tokens_per_s"]
     if args.device.startswith("cuda"):
+        try:
+            result.update(graph_decode(model, run, args.steps))
+            result["graph_fraction_of_roofline"] = result["graph_tokens_per_s"] / result["roofline_tokens_per_s"]
+        except Exception as exc:  # keep the eager figures
+            result["graph_error"] = f"{type(exc).__name__}: {exc}"
         try:
             floor_ms = linears_floor_ms(model, batch, routing[-1])
             result["linears_floor_ms"] = floor_ms
@@ -355,13 +385,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "moe.json").write_text(json.dumps(res, indent=2))
     print(f"\n{args.preset} {args.format}" + (f" K={args.bits}" if args.format == "exl3" else ""), res.get("gpu", ""))
-    print(f"{'batch':>5} {'tok/s':>10} {'roofline':>10} {'experts-only':>13} {'of roofline':>11} {'floor tok/s':>11}")
+    print(
+        f"{'batch':>5} {'eager tok/s':>11} {'graph tok/s':>11} {'roofline':>10} {'experts-only':>13} "
+        f"{'graph of roofline':>17} {'floor tok/s':>11}"
+    )
     for r in res["results"]:
-        floor = r.get("linears_floor_tokens_per_s")
+        floor, graph = r.get("linears_floor_tokens_per_s"), r.get("graph_tokens_per_s")
         print(
-            f"{r['batch']:>5} {r['tokens_per_s']:>10.1f} {r['roofline_tokens_per_s']:>10.1f} "
-            f"{r['roofline_experts_only_tokens_per_s']:>13.1f} {r['fraction_of_roofline']:>10.1%} "
-            f"{'-' if floor is None else f'{floor:.1f}':>11}"
+            f"{r['batch']:>5} {r['tokens_per_s']:>11.1f} {'-' if graph is None else f'{graph:.1f}':>11} "
+            f"{r['roofline_tokens_per_s']:>10.1f} {r['roofline_experts_only_tokens_per_s']:>13.1f} "
+            f"{r.get('graph_fraction_of_roofline', 0.0):>17.1%} {'-' if floor is None else f'{floor:.1f}':>11}"
         )
 
 

@@ -17,7 +17,8 @@ forward once per shape and replays it:
 
 ``capture=False`` runs the same buffers through the forward directly instead of replaying: the bookkeeping (bucketing,
 padding, the scratch page) is then checkable on the CPU against the plain forward.
-Models whose forward needs the host mid-step (mixture-of-experts routing counts tokens per expert) are not eligible.
+Mixture-of-experts layers run every expert over the step's tokens while a graph is captured (inference_worker/moe.py):
+their usual grouping would need the host mid-step.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 
 from inference_worker.batch import ForwardBatch, pages_for
 from inference_worker.kv_cache import PagedKVCache
+from inference_worker.models.decoder import DecoderModel
 
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 MIN_CONTEXT_BUCKET = 1024
@@ -54,9 +56,9 @@ def context_bucket(context_len: int, max_context: int) -> int:
 
 
 def graphs_supported(model: Any) -> bool:
-    """Whether ``model``'s forward can be captured: no step of it may wait on the host (MoE routing does)."""
-    config = getattr(model, "config", None)
-    return config is not None and getattr(config, "moe", None) is None
+    """Whether ``model``'s forward can be captured: a ``DecoderModel`` (its MoE layers switch to a host-free path
+    while capturing); anything else is run eagerly."""
+    return isinstance(model, DecoderModel)
 
 
 @dataclass(eq=False)

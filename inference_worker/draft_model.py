@@ -12,6 +12,10 @@ advances every requesting sequence together:
    next. The last guess is never fed: if the target keeps it, the next catch-up feeds it.
 
 When the draft cache is full, a sequence gets fewer guesses, or none; the request never fails for it.
+
+On CUDA the guess forwards (one token per sequence) and the usual catch-ups (one or two tokens per sequence) replay
+CUDA graphs (inference_worker/cuda_graphs.py) from a scratch page of the draft cache; a first catch-up over a whole
+prompt runs eagerly.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 
 from inference_worker.batch import Chunk, ForwardBatch, build_batch, pages_for
+from inference_worker.cuda_graphs import DecodeGraphs
 from inference_worker.kv_cache import PagedKVCache
 from inference_worker.prefix_cache import PagePool
 from inference_worker.speculative import DraftRequest, Proposer
@@ -70,7 +75,12 @@ class DraftModelProposer(Proposer):
         device: torch.device | str,
         dtype: torch.dtype,
         max_batch_tokens: int = 2048,
+        graphs: str = "off",
+        max_seqs: int = 16,
+        max_model_len: int = 2048,
     ) -> None:
+        """``graphs``: "auto" replays uniform forwards from CUDA graphs, "static" runs the graphs' buffers without
+        capturing (tests), "off" runs every forward eagerly; sized for ``max_seqs`` sequences of ``max_model_len``."""
         num_pages = cache_tokens // page_size
         if num_pages < 1:
             raise ValueError(f"the draft cache of {cache_tokens} tokens is less than one page of {page_size}")
@@ -84,7 +94,7 @@ class DraftModelProposer(Proposer):
         self.pool = PagePool(num_pages, caching=False)  # a plain free list: drafts share no prefixes
         self.cache = PagedKVCache(
             model_config.num_hidden_layers,
-            num_pages,
+            num_pages + (graphs != "off"),  # the graphs' scratch page, which the pool never hands out
             page_size,
             model_config.num_key_value_heads,
             model_config.head_dim,
@@ -92,6 +102,18 @@ class DraftModelProposer(Proposer):
             self.device,
         )
         self._seqs: dict[str, _DraftSeq] = {}
+        self.graphs = None
+        if graphs != "off":
+            self.graphs = DecodeGraphs(
+                model,
+                self.cache,
+                max_seqs,
+                max_model_len,
+                scratch_page=num_pages,
+                num_heads=model_config.num_attention_heads,
+                max_query=min(2, page_size),
+                capture=graphs == "auto",
+            )
 
     # -- what tests and logs may look at ---------------------------------------------------------------------------
     def cached_tokens(self, seq_id: str) -> list[int]:
@@ -187,17 +209,27 @@ class DraftModelProposer(Proposer):
 
     def _forward(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> list[int]:
         """One ragged forward appending each sequence's new tokens to its draft cache (pages already reserved); the
-        argmax after each sequence's last new token."""
-        logits = self.model.forward(self._batch(feeds), self.cache)
+        argmax after each sequence's last new token. Feeds of one length go through the graphs when they can."""
+        q = len(feeds[0][1])
+        graph_batch = None
+        if self.graphs is not None and all(len(tokens) == q for _, tokens in feeds):
+            graph_batch = self._batch(feeds, every_row=True)  # a graph step returns every row's logits
+            if not self.graphs.eligible(graph_batch):
+                graph_batch = None
+        if graph_batch is not None:
+            assert self.graphs is not None
+            logits = self.graphs.forward(graph_batch).view(len(feeds), q, -1)[:, -1]
+        else:
+            logits = self.model.forward(self._batch(feeds), self.cache)
         for seq, tokens in feeds:
             seq.cached.extend(tokens)
         return logits.argmax(dim=-1).tolist()
 
-    def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> ForwardBatch:
+    def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]], every_row: bool = False) -> ForwardBatch:
         ps = self.page_size
         chunks = []
         for seq, tokens in feeds:
             positions = list(range(len(seq.cached), len(seq.cached) + len(tokens)))
             slots = [seq.pages[p // ps] * ps + p % ps for p in positions]
-            chunks.append(Chunk(tokens, positions, slots, seq.pages))
+            chunks.append(Chunk(tokens, positions, slots, seq.pages, num_logits=len(tokens) if every_row else 1))
         return build_batch(chunks, self.device)

@@ -20,7 +20,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import Chunk, ForwardBatch, build_batch
-from inference_worker.cuda_graphs import DecodeGraphs, graphs_supported
+from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.key_centering import measure_key_offsets
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
@@ -63,6 +63,9 @@ class EngineConfig:
     speculative_method: str = "off"  # the default for requests that do not say: off | ngram | draft
     speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
     speculative_max_batch: int = 16  # with more decoding sequences than this, nobody speculates (compute-bound)
+    # guesses are cut so a decode step feeds at most this many tokens (EXL3's fused matmul takes up to 32 rows; more
+    # rebuild every weight, which no guess is worth)
+    speculative_max_step_tokens: int = 32
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"
@@ -223,6 +226,7 @@ class Engine:
             speculative_method=settings.speculative_method,
             speculative_tokens=settings.speculative_tokens,
             speculative_max_batch=settings.speculative_max_batch,
+            speculative_max_step_tokens=settings.speculative_max_step_tokens,
             decode_graphs="auto" if settings.cuda_graphs else "off",
             kv_key_centering=settings.kv_key_centering,
         )
@@ -419,15 +423,21 @@ class Engine:
     def _propose_drafts(self) -> dict[str, list[int]]:
         """Guessed next tokens for the sequences that will decode this step, by seq_id (see speculative.py)."""
         decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed == 1]
-        if len(decoding) > self.cfg.speculative_max_batch:
+        if not decoding or len(decoding) > self.cfg.speculative_max_batch:
             return {}  # a big batch already keeps the device busy: verify rows would cost more than they save
+        rows = len(decoding)
+        if self.decode_graphs is not None:  # a graph step pads the batch to its bucket
+            rows = batch_bucket(min(rows, self.decode_graphs.max_batch), self.decode_graphs.max_batch)
+        most = self.cfg.speculative_max_step_tokens // rows - 1  # guesses per sequence within the step's budget
+        if most < 1:
+            return {}
         by_method: dict[str, list[DraftRequest]] = {}
         for seq in decoding:
             c = self._choices[seq.seq_id]
             if c.draft_length is None:
                 continue
             # a verification adds the kept guesses plus one token of its own: stay within max_tokens
-            k = min(c.draft_length.next_length(), seq.max_tokens - len(seq.output_ids) - 1)
+            k = min(c.draft_length.next_length(), seq.max_tokens - len(seq.output_ids) - 1, most)
             if k > 0:
                 by_method.setdefault(c.spec.method, []).append(
                     DraftRequest(seq.seq_id, seq.prompt_ids + seq.output_ids, k)
@@ -729,8 +739,18 @@ def load_draft_proposer(
         device, max_model_len, max_seqs, bytes_per_token
     )
     log.info("draft model %s for %s: %d KV cache tokens", draft_id, target_id, cache_tokens)
+    graphs = "auto" if settings.cuda_graphs and device.type == "cuda" and graphs_supported(model) else "off"
     return DraftModelProposer(
-        model, config, cache_tokens, settings.kv_page_size, device, dtype, max_batch_tokens=settings.max_batch_tokens
+        model,
+        config,
+        cache_tokens,
+        settings.kv_page_size,
+        device,
+        dtype,
+        max_batch_tokens=settings.max_batch_tokens,
+        graphs=graphs,
+        max_seqs=max_seqs,
+        max_model_len=max_model_len,
     )
 
 

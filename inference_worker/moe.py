@@ -4,6 +4,11 @@ Experts are ordinary SwiGLU MLPs built from ``Linear``s, so each expert is dense
 stores it. Execution is grouped: the (token, expert) pairs of the whole batch are sorted by expert, and each expert
 that got any tokens runs once over its contiguous slice (one matmul per linear per expert group, never a loop over
 tokens). The router is a plain dense matrix: it is tiny, and quantizing it would change which experts run.
+
+Grouping needs the group sizes on the host, which a CUDA graph cannot wait for. While a graph is being captured
+(decode steps, inference_worker/cuda_graphs.py) every expert instead runs over every token, weighted by the token's
+routing weight for it (zero when it was not picked): no host sync, and a decode batch of a few dozen tokens reads
+most experts' weights anyway.
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ class SparseMoe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, experts = self.route(x)
-        return self.add_shared(x, self.run_experts(x, weights, experts))
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        run = self.run_every_expert if capturing else self.run_experts
+        return self.add_shared(x, run(x, weights, experts))
 
     def add_shared(self, x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
         """``routed`` plus the shared expert's output for x (gated where the family gates it), if there is one."""
@@ -80,6 +87,16 @@ class SparseMoe(nn.Module):
         )  # [T * top_k, hidden] in the sorted pair order
         mixed = (outputs.float() * weights.flatten()[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of_pair, mixed)
+
+    def run_every_expert(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """What ``run_experts`` computes, without the host: every expert over every token, weighted by the token's
+        routing weight for it (zero for experts it did not pick)."""
+        dense = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
+        dense.scatter_(1, experts, weights)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for e, expert in enumerate(self.experts):
+            out += expert(x).float() * dense[:, e : e + 1]
+        return out.to(x.dtype)
 
     def extra_repr(self) -> str:
         shared = ", shared expert" + (" (gated)" if self.shared_expert_gate is not None else "")

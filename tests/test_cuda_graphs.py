@@ -18,7 +18,10 @@ from inference_worker.batch import Chunk, build_batch
 from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, context_bucket, graphs_supported
 from inference_worker.engine import Engine
 from inference_worker.kv_cache import PagedKVCache
+from inference_worker.layers import DenseLinear
 from inference_worker.loader import load_model
+from inference_worker.models.decoder import MLP
+from inference_worker.moe import SparseMoe
 from shared.wire import GenerationRequest
 from tests.test_engine import PROMPTS, greedy, loaded, make_engine, run, tokens_of  # noqa: F401 - fixture
 from tests.tiny_models import write_tiny_llama
@@ -42,10 +45,23 @@ def test_context_bucket_grows_fourfold_and_stops_at_the_served_length() -> None:
         context_bucket(513, 512)
 
 
-def test_models_that_wait_on_the_host_mid_step_are_not_captured() -> None:
-    assert graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=None)))
-    assert not graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=object())))
-    assert not graphs_supported(object())
+def test_decoder_models_are_captured_and_anything_else_runs_eagerly(tiny) -> None:
+    assert graphs_supported(tiny[0])
+    assert not graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=None)))
+
+
+def test_the_host_free_moe_path_that_graphs_capture_mixes_the_same_experts() -> None:
+    gen = torch.Generator().manual_seed(0)
+    hidden, inner, num_experts = 16, 24, 6
+
+    def linear(n: int, k: int) -> DenseLinear:
+        return DenseLinear(torch.randn(n, k, generator=gen) / k**0.5)
+
+    experts = [MLP(linear(inner, hidden), linear(inner, hidden), linear(hidden, inner)) for _ in range(num_experts)]
+    moe = SparseMoe(torch.randn(num_experts, hidden, generator=gen), experts, top_k=2, norm_topk_prob=True)
+    x = torch.randn(5, hidden, generator=gen)
+    weights, chosen = moe.route(x)
+    torch.testing.assert_close(moe.run_every_expert(x, weights, chosen), moe.run_experts(x, weights, chosen))
 
 
 @pytest.fixture(scope="module")

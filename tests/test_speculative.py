@@ -214,6 +214,25 @@ def test_a_batch_larger_than_speculative_max_batch_does_not_speculate(loaded) ->
     assert drafts[0] == 0 and drafts[1] > 0
 
 
+def test_guesses_are_cut_to_the_steps_token_budget(loaded) -> None:  # noqa: F811
+    asked: list[tuple[int, int]] = []  # (sequences asking in the step, guesses asked for)
+
+    def guess(seq_id: str, token_ids: list[int], k: int) -> list[int]:
+        asked.append((seq_id, k))
+        return [token_ids[-1]] * k
+
+    prompt = loaded[2].tokenizer.encode("one two one two").ids
+    engine = spec_engine(loaded, None, ScriptedProposer(guess), speculative_tokens=8, speculative_max_step_tokens=16)
+    reqs = [GenerationRequest(f"s{i}", "m", prompt, greedy(12, speculative={"method": "draft", "num_tokens": 8}))
+            for i in range(4)]  # fmt: skip
+    run(engine, reqs)
+    assert asked and max(k for _, k in asked) <= 16 // 4 - 1  # 4 sequences x (1 + 3 guesses) = 16 tokens
+    asked.clear()
+    run(spec_engine(loaded, None, ScriptedProposer(guess), speculative_tokens=8, speculative_max_step_tokens=16),
+        [GenerationRequest("alone", "m", prompt, reqs[0].params)])  # fmt: skip
+    assert max(k for _, k in asked) > 3  # alone, the budget leaves room for more
+
+
 def test_speculative_field_survives_the_wire_and_old_requests_default_to_none() -> None:
     req = GenerationRequest("w", "m", [1], SamplingParams(speculative={"method": "ngram", "num_tokens": 2}))
     assert GenerationRequest.from_dict(req.to_dict()).params.speculative == {"method": "ngram", "num_tokens": 2}
@@ -236,7 +255,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 def tiny_engine(tiny, proposer: Proposer | None = None, **overrides) -> Engine:
     model, config, tokenizer = tiny
     sizes = dict(max_batch_size=1024, max_batch_tokens=16384, kv_page_size=16, kv_cache_tokens=1024 * 32)
-    cfg = EngineConfig(device="cpu", max_model_len=64, speculative_max_batch=1024, **sizes, **overrides)
+    spec = dict(speculative_max_batch=1024, speculative_max_step_tokens=16384)  # every sequence guesses
+    cfg = EngineConfig(device="cpu", max_model_len=64, **spec, **sizes, **overrides)
     proposers = {"draft": proposer} if proposer else None
     return Engine(model, config, tokenizer, cfg, WorkerMetrics(CollectorRegistry(), "tiny"), proposers)
 

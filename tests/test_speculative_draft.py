@@ -109,6 +109,18 @@ def test_greedy_with_a_draft_model_equals_greedy_without_speculation(
     assert proposer.pool.num_free == proposer.pool.num_pages and proposer.num_seqs == 0  # every sequence forgotten
 
 
+def test_draft_and_target_through_the_graph_buffers_keep_greedy_output(
+    loaded, two_layers, mixed_requests, expected
+) -> None:
+    proposer = proposer_of(two_layers, graphs="static", max_seqs=16, max_model_len=2048)
+    assert proposer.cache.num_pages == proposer.pool.num_pages + 1  # the scratch page is not the pool's
+    events = run(spec_engine(loaded, None, proposer, decode_graphs="static"), with_draft(mixed_requests))
+    for req in mixed_requests:
+        assert tokens_of(events[req.id]) == expected[req.id], req.id
+    assert proposer.graphs is not None and proposer.graphs.replays > 0  # guesses (and short catch-ups) went through
+    assert proposer.pool.num_free == proposer.pool.num_pages
+
+
 # -- the draft cache follows the sequence ---------------------------------------------------------------------------
 def test_rollback_keeps_the_common_prefix_and_proposes_like_a_fresh_draft(two_layers, prompt_ids) -> None:
     prompt = prompt_ids[3]  # 24 tokens: 3 pages of 8
