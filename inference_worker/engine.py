@@ -33,6 +33,7 @@ from inference_worker.speculative import (
     NgramProposer,
     Proposer,
     SpecRequest,
+    SpeculationGovernor,
     resolve_request,
 )
 from inference_worker.stop import StopChecker
@@ -66,6 +67,8 @@ class EngineConfig:
     # guesses are cut so a decode step feeds at most this many tokens (EXL3's fused matmul takes up to 32 rows; more
     # rebuild every weight, which no guess is worth)
     speculative_max_step_tokens: int = 32
+    # time decode steps with and without guesses per batch size and guess only where it pays (SpeculationGovernor)
+    speculative_by_cost: bool = True
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"
@@ -164,7 +167,7 @@ class Engine:
                 self.max_model_len,
                 scratch_page=num_pages,
                 num_heads=model_config.num_attention_heads,
-                max_query=min(1 + cfg.speculative_tokens, cfg.kv_page_size),
+                max_query=min(1 + wire.MAX_SPECULATIVE_TOKENS, cfg.kv_page_size),  # a request may ask for more
                 capture=graphs_mode == "auto",
             )
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
@@ -178,6 +181,8 @@ class Engine:
         self._num_live_seqs = 0  # sequences queued or scheduled, for free_slots() from any thread
         # speculative decoding: n-gram lookup is always there (it costs nothing); a draft model only when given
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer(), **(proposers or {})}
+        self.governor = SpeculationGovernor() if cfg.speculative_by_cost else None
+        self._tokens_this_step = 0
         try:
             self._default_spec = resolve_request(
                 None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
@@ -227,6 +232,7 @@ class Engine:
             speculative_tokens=settings.speculative_tokens,
             speculative_max_batch=settings.speculative_max_batch,
             speculative_max_step_tokens=settings.speculative_max_step_tokens,
+            speculative_by_cost=settings.speculative_by_cost,
             decode_graphs="auto" if settings.cuda_graphs else "off",
             kv_key_centering=settings.kv_key_centering,
         )
@@ -290,7 +296,9 @@ class Engine:
         for request_id in aborts:
             self._abort(request_id, events)
 
-        plan = self.scheduler.schedule(self._propose_drafts())
+        started = time.perf_counter()
+        drafts = self._propose_drafts()
+        plan = self.scheduler.schedule(drafts)
         if plan.preempted:
             self.metrics.num_preemptions.inc(len(plan.preempted))
             for seq in plan.preempted:  # its draft cache is memory others can use until it comes back
@@ -304,9 +312,25 @@ class Engine:
                 if r.first_scheduled_at is None:
                     r.first_scheduled_at = now
                     self.metrics.request_queue_time.observe(now - r.arrival)
+            self._tokens_this_step = 0
             self._forward_and_sample(plan, events)
+            self._time_decode_step(plan, bool(drafts), time.perf_counter() - started)
         self._update_gauges()
         return events
+
+    def _time_decode_step(self, plan: StepPlan, speculated: bool, seconds: float) -> None:
+        """Tell the governor what a decode-only step (no prompt chunk in it) cost and gave."""
+        if self.governor is None or not all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled):
+            return
+        n = len(plan.scheduled)
+        self.governor.record(self._speculation_bucket(n), speculated, seconds, self._tokens_this_step / n)
+
+    def _speculation_bucket(self, num_decoding: int) -> int:
+        """The batch size a decode step of ``num_decoding`` sequences runs at (a graph pads it to its bucket)."""
+        graphs = self.decode_graphs
+        if graphs is None or num_decoding > graphs.max_batch:
+            return num_decoding
+        return batch_bucket(num_decoding, graphs.max_batch)
 
     def fail_all(self, message: str, code: str = "internal_error") -> list[Event]:
         """After an unexpected failure: end every live request with an error event and free everything."""
@@ -425,11 +449,12 @@ class Engine:
         decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed == 1]
         if not decoding or len(decoding) > self.cfg.speculative_max_batch:
             return {}  # a big batch already keeps the device busy: verify rows would cost more than they save
-        rows = len(decoding)
-        if self.decode_graphs is not None:  # a graph step pads the batch to its bucket
-            rows = batch_bucket(min(rows, self.decode_graphs.max_batch), self.decode_graphs.max_batch)
+        rows = self._speculation_bucket(len(decoding))
         most = self.cfg.speculative_max_step_tokens // rows - 1  # guesses per sequence within the step's budget
         if most < 1:
+            return {}
+        wants = any(self._choices[s.seq_id].draft_length is not None for s in decoding)
+        if not wants or (self.governor is not None and not self.governor.should_speculate(rows)):
             return {}
         by_method: dict[str, list[DraftRequest]] = {}
         for seq in decoding:
@@ -530,6 +555,7 @@ class Engine:
         p = r.req.params
         tok = int(token.token_id)
         c.seq.output_ids.append(tok)
+        self._tokens_this_step += 1
         self.metrics.generation_tokens.inc()
         if r.first_token_at is None:
             r.first_token_at = now

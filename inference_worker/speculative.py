@@ -141,3 +141,43 @@ class AdaptiveDraftLength:
             self.num_tokens = max(1, self.num_tokens - 1)
         elif self.acceptance > self.GROW_ABOVE:
             self.num_tokens = min(self.max_tokens, self.num_tokens + 1)
+
+
+class SpeculationGovernor:
+    """Speculate only where it has paid, by measurement: whether guessing beats plain decoding depends on the model,
+    the device, the batch size and the acceptance, so the engine times both.
+
+    Per batch size (bucketed by the caller), it keeps moving averages of a decode step's seconds with guesses and
+    without, and of the tokens a guessing step yields per sequence. It speculates while either is unmeasured, then
+    whenever ``tokens / seconds`` with guesses beats ``1 / seconds`` without; every ``PROBE_EVERY``-th decision at a
+    batch size takes the other choice once, so a change in acceptance or load is noticed.
+    """
+
+    SMOOTHING = 0.25
+    PROBE_EVERY = 24
+
+    def __init__(self) -> None:
+        self._plain_s: dict[int, float] = {}
+        self._spec_s: dict[int, float] = {}
+        self._spec_tokens: dict[int, float] = {}  # tokens per sequence of a guessing step
+        self._decisions: dict[int, int] = {}
+
+    def should_speculate(self, bucket: int) -> bool:
+        n = self._decisions[bucket] = self._decisions.get(bucket, 0) + 1
+        if bucket not in self._spec_s:
+            return True
+        if bucket not in self._plain_s:
+            return False
+        pays = self._spec_tokens[bucket] / self._spec_s[bucket] > 1.0 / self._plain_s[bucket]
+        return pays != (n % self.PROBE_EVERY == 0)
+
+    def record(self, bucket: int, speculated: bool, seconds: float, tokens_per_seq: float) -> None:
+        """A decode-only step at ``bucket`` took ``seconds`` and gave each sequence ``tokens_per_seq`` tokens."""
+        if speculated:
+            self._spec_s[bucket] = self._average(self._spec_s.get(bucket), seconds)
+            self._spec_tokens[bucket] = self._average(self._spec_tokens.get(bucket), tokens_per_seq)
+        else:
+            self._plain_s[bucket] = self._average(self._plain_s.get(bucket), seconds)
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else self.SMOOTHING * new + (1 - self.SMOOTHING) * old

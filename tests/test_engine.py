@@ -45,7 +45,9 @@ def prompt_ids(loaded) -> list[list[int]]:
 def make_engine(loaded, registry: CollectorRegistry | None = None, **overrides) -> Engine:
     model, config, tokenizer = loaded
     settings = dict(device="cpu", max_batch_size=8, max_batch_tokens=256, kv_page_size=8, kv_cache_tokens=2048)
-    cfg = EngineConfig(**{**settings, "max_model_len": 2048, "worker_id": "test", **overrides})
+    # speculation by measured cost would make which steps guess depend on timing: tests that count guesses need it off
+    base = {"max_model_len": 2048, "worker_id": "test", "speculative_by_cost": False}
+    cfg = EngineConfig(**{**settings, **base, **overrides})
     metrics = WorkerMetrics(registry or CollectorRegistry(), "smollm2")
     return Engine(model, config, tokenizer, cfg, metrics)
 

@@ -14,7 +14,13 @@ from inference_worker.engine import Engine, EngineConfig
 from inference_worker.loader import load_model
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.scheduler import Scheduler, Sequence
-from inference_worker.speculative import AdaptiveDraftLength, DraftRequest, NgramProposer, Proposer
+from inference_worker.speculative import (
+    AdaptiveDraftLength,
+    DraftRequest,
+    NgramProposer,
+    Proposer,
+    SpeculationGovernor,
+)
 from shared.tokenizer import ModelTokenizer
 from shared.wire import GenerationRequest, SamplingParams
 from tests.test_engine import finishes, greedy, loaded, make_engine, run, text_of, tokens_of  # noqa: F401
@@ -233,6 +239,34 @@ def test_guesses_are_cut_to_the_steps_token_budget(loaded) -> None:  # noqa: F81
     assert max(k for _, k in asked) > 3  # alone, the budget leaves room for more
 
 
+def test_the_governor_speculates_only_where_guessing_has_paid() -> None:
+    gov = SpeculationGovernor()
+    assert gov.should_speculate(8)  # nothing measured: try guessing
+    gov.record(8, True, seconds=0.030, tokens_per_seq=2.0)
+    assert not gov.should_speculate(8)  # now measure a plain step
+    gov.record(8, False, seconds=0.010, tokens_per_seq=1.0)
+    decisions = [gov.should_speculate(8) for _ in range(2 * gov.PROBE_EVERY)]
+    assert decisions.count(True) == 2  # 2 tokens / 30 ms lose to 1 token / 10 ms: only the periodic probes guess
+    gov.record(8, True, seconds=0.012, tokens_per_seq=3.0)  # acceptance rose: guessing now pays
+    for _ in range(10):
+        gov.record(8, True, seconds=0.012, tokens_per_seq=3.0)
+    decisions = [gov.should_speculate(8) for _ in range(2 * gov.PROBE_EVERY)]
+    assert decisions.count(False) == 2  # guessing, but still probing plain steps now and then
+    assert gov.should_speculate(1)  # every batch size is judged on its own
+
+
+def test_an_engine_governed_by_cost_still_gives_greedy_output(loaded) -> None:  # noqa: F811
+    prompt = loaded[2].tokenizer.encode("one two three one two three one two three one two").ids
+    reqs = [GenerationRequest(f"g{i}", "m", prompt, greedy(16)) for i in range(3)]
+    expected = run(make_engine(loaded), reqs)
+    registry = CollectorRegistry()
+    engine = make_engine(loaded, registry, speculative_method="ngram", speculative_by_cost=True)
+    got = run(engine, copy_of(reqs))
+    for req in reqs:
+        assert tokens_of(got[req.id]) == tokens_of(expected[req.id])
+    assert engine.governor is not None and spec_counter(registry, "num_drafts", "ngram") > 0  # it tried guessing
+
+
 def test_speculative_field_survives_the_wire_and_old_requests_default_to_none() -> None:
     req = GenerationRequest("w", "m", [1], SamplingParams(speculative={"method": "ngram", "num_tokens": 2}))
     assert GenerationRequest.from_dict(req.to_dict()).params.speculative == {"method": "ngram", "num_tokens": 2}
@@ -255,7 +289,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
 def tiny_engine(tiny, proposer: Proposer | None = None, **overrides) -> Engine:
     model, config, tokenizer = tiny
     sizes = dict(max_batch_size=1024, max_batch_tokens=16384, kv_page_size=16, kv_cache_tokens=1024 * 32)
-    spec = dict(speculative_max_batch=1024, speculative_max_step_tokens=16384)  # every sequence guesses
+    # every sequence guesses, whatever it costs
+    spec = dict(speculative_max_batch=1024, speculative_max_step_tokens=16384, speculative_by_cost=False)
     cfg = EngineConfig(device="cpu", max_model_len=64, **spec, **sizes, **overrides)
     proposers = {"draft": proposer} if proposer else None
     return Engine(model, config, tokenizer, cfg, WorkerMetrics(CollectorRegistry(), "tiny"), proposers)
