@@ -296,7 +296,7 @@ class Engine:
         for request_id in aborts:
             self._abort(request_id, events)
 
-        started = time.perf_counter()
+        started, graphs_before = time.perf_counter(), self._num_graphs()
         drafts = self._propose_drafts()
         plan = self.scheduler.schedule(drafts)
         if plan.preempted:
@@ -314,7 +314,8 @@ class Engine:
                     self.metrics.request_queue_time.observe(now - r.arrival)
             self._tokens_this_step = 0
             self._forward_and_sample(plan, events)
-            self._time_decode_step(plan, bool(drafts), time.perf_counter() - started)
+            if self._num_graphs() == graphs_before:  # a step that captured a graph says nothing about steady cost
+                self._time_decode_step(plan, bool(drafts), time.perf_counter() - started)
         self._update_gauges()
         return events
 
@@ -324,6 +325,11 @@ class Engine:
             return
         n = len(plan.scheduled)
         self.governor.record(self._speculation_bucket(n), speculated, seconds, self._tokens_this_step / n)
+
+    def _num_graphs(self) -> int:
+        """CUDA graphs captured so far, the target's and the draft model's."""
+        graphs = [self.decode_graphs, *(getattr(p, "graphs", None) for p in self.proposers.values())]
+        return sum(g.num_graphs for g in graphs if g is not None)
 
     def _speculation_bucket(self, num_decoding: int) -> int:
         """The batch size a decode step of ``num_decoding`` sequences runs at (a graph pads it to its bucket)."""

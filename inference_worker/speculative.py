@@ -149,18 +149,22 @@ class SpeculationGovernor:
 
     Per batch size (bucketed by the caller), it keeps moving averages of a decode step's seconds with guesses and
     without, and of the tokens a guessing step yields per sequence. It speculates while either is unmeasured, then
-    whenever ``tokens / seconds`` with guesses beats ``1 / seconds`` without; every ``PROBE_EVERY``-th decision at a
-    batch size takes the other choice once, so a change in acceptance or load is noticed.
+    whenever ``tokens / seconds`` with guesses beats ``1 / seconds`` without; every ``PROBE_EVERY`` decisions at a
+    batch size it takes the other choice for ``PROBE_STEPS`` steps, so a change in acceptance or load is noticed.
+    The first guessing step after plain ones is not timed: a draft model catches up on everything it missed there,
+    a cost that steady speculation does not pay again.
     """
 
     SMOOTHING = 0.25
-    PROBE_EVERY = 24
+    PROBE_EVERY = 32
+    PROBE_STEPS = 2  # a guessing probe needs two steps: the first is not timed
 
     def __init__(self) -> None:
         self._plain_s: dict[int, float] = {}
         self._spec_s: dict[int, float] = {}
         self._spec_tokens: dict[int, float] = {}  # tokens per sequence of a guessing step
         self._decisions: dict[int, int] = {}
+        self._last_speculated: dict[int, bool] = {}
 
     def should_speculate(self, bucket: int) -> bool:
         n = self._decisions[bucket] = self._decisions.get(bucket, 0) + 1
@@ -169,10 +173,14 @@ class SpeculationGovernor:
         if bucket not in self._plain_s:
             return False
         pays = self._spec_tokens[bucket] / self._spec_s[bucket] > 1.0 / self._plain_s[bucket]
-        return pays != (n % self.PROBE_EVERY == 0)
+        return pays != (n % self.PROBE_EVERY < self.PROBE_STEPS)
 
     def record(self, bucket: int, speculated: bool, seconds: float, tokens_per_seq: float) -> None:
         """A decode-only step at ``bucket`` took ``seconds`` and gave each sequence ``tokens_per_seq`` tokens."""
+        resumed = speculated and not self._last_speculated.get(bucket, False)
+        self._last_speculated[bucket] = speculated
+        if resumed:
+            return  # it paid a draft model's catch-up on the steps it skipped
         if speculated:
             self._spec_s[bucket] = self._average(self._spec_s.get(bucket), seconds)
             self._spec_tokens[bucket] = self._average(self._spec_tokens.get(bucket), tokens_per_seq)
