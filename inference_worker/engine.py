@@ -68,7 +68,7 @@ class EngineConfig:
     # rebuild every weight, which no guess is worth)
     speculative_max_step_tokens: int = 32
     # time decode steps with and without guesses per batch size and guess only where it pays (SpeculationGovernor)
-    speculative_by_cost: bool = True
+    speculative_by_cost: bool = False
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"

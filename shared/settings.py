@@ -80,7 +80,7 @@ class Settings:
     speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
     speculative_max_batch: int = 16  # with more decoding sequences than this, no sequence speculates
     speculative_max_step_tokens: int = 32  # guesses are cut so a decode step feeds at most this many tokens
-    speculative_by_cost: bool = True  # time steps with and without guesses per batch size; guess only where it pays
+    speculative_by_cost: bool = False  # time steps with and without guesses per batch size; guess where it paid
     speculative_draft_model: str = ""  # model id under models_dir that guesses for method "draft" ("": none)
     speculative_draft_cache_tokens: int = 0  # the draft model's own KV cache; 0: room for every speculating sequence
     max_model_len: int = 0  # 0: the model's own context length

@@ -45,8 +45,7 @@ def prompt_ids(loaded) -> list[list[int]]:
 def make_engine(loaded, registry: CollectorRegistry | None = None, **overrides) -> Engine:
     model, config, tokenizer = loaded
     settings = dict(device="cpu", max_batch_size=8, max_batch_tokens=256, kv_page_size=8, kv_cache_tokens=2048)
-    # speculation by measured cost would make which steps guess depend on timing: tests that count guesses need it off
-    base = {"max_model_len": 2048, "worker_id": "test", "speculative_by_cost": False}
+    base = {"max_model_len": 2048, "worker_id": "test"}
     cfg = EngineConfig(**{**settings, **base, **overrides})
     metrics = WorkerMetrics(registry or CollectorRegistry(), "smollm2")
     return Engine(model, config, tokenizer, cfg, metrics)
