@@ -13,9 +13,9 @@ advances every requesting sequence together:
 
 When the draft cache is full, a sequence gets fewer guesses, or none; the request never fails for it.
 
-On CUDA the guess forwards (one token per sequence) and the usual catch-ups (one or two tokens per sequence) replay
-CUDA graphs (inference_worker/cuda_graphs.py) from a scratch page of the draft cache; a first catch-up over a whole
-prompt runs eagerly.
+On CUDA the guess forwards (one token per sequence) and the usual catch-ups (one or two tokens per sequence, shorter
+ones padded into a scratch page of the draft cache) replay CUDA graphs (inference_worker/cuda_graphs.py); a first
+catch-up over a whole prompt runs eagerly.
 """
 
 from __future__ import annotations
@@ -209,27 +209,34 @@ class DraftModelProposer(Proposer):
 
     def _forward(self, feeds: list[tuple[_DraftSeq, list[int]]]) -> list[int]:
         """One ragged forward appending each sequence's new tokens to its draft cache (pages already reserved); the
-        argmax after each sequence's last new token. Feeds of one length go through the graphs when they can."""
-        q = len(feeds[0][1])
-        graph_batch = None
-        if self.graphs is not None and all(len(tokens) == q for _, tokens in feeds):
-            graph_batch = self._batch(feeds, every_row=True)  # a graph step returns every row's logits
-            if not self.graphs.eligible(graph_batch):
-                graph_batch = None
-        if graph_batch is not None:
-            assert self.graphs is not None
-            logits = self.graphs.forward(graph_batch).view(len(feeds), q, -1)[:, -1]
-        else:
+        argmax after each sequence's last new token. Short feeds (a guess, a catch-up of a token or two) go through
+        the graphs, shorter ones padded to the longest with tokens whose K/V land in the scratch page."""
+        q = max(len(tokens) for _, tokens in feeds)
+        logits = None
+        if self.graphs is not None and q <= self.graphs.max_query:
+            batch = self._batch(feeds, pad_to=q)
+            if self.graphs.eligible(batch):
+                rows = torch.tensor([i * q + len(tokens) - 1 for i, (_, tokens) in enumerate(feeds)])
+                logits = self.graphs.forward(batch)[rows.to(self.device)]
+        if logits is None:
             logits = self.model.forward(self._batch(feeds), self.cache)
         for seq, tokens in feeds:
             seq.cached.extend(tokens)
         return logits.argmax(dim=-1).tolist()
 
-    def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]], every_row: bool = False) -> ForwardBatch:
+    def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]], pad_to: int = 0) -> ForwardBatch:
+        """The forward over ``feeds``; ``pad_to`` feeds every sequence that many tokens (copies of its last, written
+        to the scratch slot) and asks for every row's logits, as a graph step does."""
         ps = self.page_size
         chunks = []
         for seq, tokens in feeds:
             positions = list(range(len(seq.cached), len(seq.cached) + len(tokens)))
             slots = [seq.pages[p // ps] * ps + p % ps for p in positions]
-            chunks.append(Chunk(tokens, positions, slots, seq.pages, num_logits=len(tokens) if every_row else 1))
+            pad = max(0, pad_to - len(tokens))
+            if pad_to:
+                assert self.graphs is not None
+                tokens = [*tokens, *[tokens[-1]] * pad]
+                positions = [*positions, *range(positions[-1] + 1, positions[-1] + 1 + pad)]
+                slots = [*slots, *[self.graphs.scratch_slot] * pad]
+            chunks.append(Chunk(tokens, positions, slots, seq.pages, num_logits=len(tokens) if pad_to else 1))
         return build_batch(chunks, self.device)
