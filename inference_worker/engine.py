@@ -183,7 +183,6 @@ class Engine:
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer(), **(proposers or {})}
         self.governor = SpeculationGovernor() if cfg.speculative_by_cost else None
         self._tokens_this_step = 0
-        self._decoding_now = 1  # sequences decoding in the current step (the bar for pausing guesses rises with it)
         try:
             self._default_spec = resolve_request(
                 None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
@@ -454,7 +453,6 @@ class Engine:
     def _propose_drafts(self) -> dict[str, list[int]]:
         """Guessed next tokens for the sequences that will decode this step, by seq_id (see speculative.py)."""
         decoding = [s for s in self.scheduler.running if s.num_tokens - s.num_computed == 1]
-        self._decoding_now = len(decoding)
         if not decoding or len(decoding) > self.cfg.speculative_max_batch:
             return {}  # a big batch already keeps the device busy: verify rows would cost more than they save
         rows = self._speculation_bucket(len(decoding))
@@ -504,7 +502,7 @@ class Engine:
                 break
         self.scheduler.discard_draft_pages(c.seq)
         if c.draft_length is not None:
-            c.draft_length.update(len(draft), accepted, self._decoding_now)
+            c.draft_length.update(len(draft), accepted)
         self.metrics.spec_decode_verified(c.spec.method, len(draft), accepted)
 
     # -- one forward --------------------------------------------------------------------------------------------------

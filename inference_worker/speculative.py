@@ -15,7 +15,6 @@ speculation off for a sequence while it does not pay.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -107,9 +106,7 @@ class AdaptiveDraftLength:
 
     High acceptance grows k towards the request's maximum, low acceptance shrinks it; when even one guessed token is
     rarely right, speculation pauses for ``cooldown`` steps (the verify rows cost compute for nothing), then probes
-    again with one token. The bar for "rarely right" rises with the batch (``pause_below``): alone, a sequence's
-    verify rows ride along for free; in a batch of 8 they are a quarter of the step (on the H200, a draft at 0.47
-    acceptance gave 1.49x alone and 0.58x at batch 8, one at 0.81 still 1.43x at batch 8; BENCHMARKS.md).
+    again with one token.
     """
 
     SMOOTHING = 0.3  # weight of the newest verification
@@ -131,24 +128,15 @@ class AdaptiveDraftLength:
             return 0
         return self.num_tokens
 
-    @classmethod
-    def pause_below(cls, batch: int) -> float:
-        """The acceptance under which a sequence stops guessing, in a step of ``batch`` decoding sequences:
-        0.15 alone, 0.3 at 2, 0.45 at 4, 0.6 at 8, 0.75 at 16."""
-        return min(0.9, cls.PAUSE_BELOW + 0.15 * math.log2(max(1, batch)))
-
-    def update(self, proposed: int, accepted: int, batch: int = 1) -> None:
-        """After verifying ``proposed`` guessed tokens, of which the first ``accepted`` were kept, in a step of
-        ``batch`` decoding sequences."""
+    def update(self, proposed: int, accepted: int) -> None:
+        """After verifying ``proposed`` guessed tokens, of which the first ``accepted`` were kept."""
         if proposed < 1:
             return
         rate = accepted / proposed
         self.acceptance = self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.acceptance
-        floor = self.pause_below(batch)
-        if self.acceptance < floor:
+        if self.acceptance < self.PAUSE_BELOW:
             self.paused_steps = self.COOLDOWN_STEPS
-            # the probe after the pause starts small; its history is set to the bar, so one good probe resumes
-            self.num_tokens, self.acceptance = 1, max(0.5, floor)
+            self.num_tokens, self.acceptance = 1, 0.5  # the probe after the pause starts small, without history
         elif self.acceptance < self.SHRINK_BELOW:
             self.num_tokens = max(1, self.num_tokens - 1)
         elif self.acceptance > self.GROW_ABOVE:

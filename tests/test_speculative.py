@@ -92,21 +92,6 @@ def test_adaptive_draft_length_grows_shrinks_and_pauses_when_guesses_do_not_pay(
     assert length.next_length() == 4
 
 
-def test_the_acceptance_a_sequence_needs_to_keep_guessing_rises_with_the_batch() -> None:
-    assert [round(AdaptiveDraftLength.pause_below(n), 2) for n in (1, 2, 4, 8, 16)] == [0.15, 0.3, 0.45, 0.6, 0.75]
-    alone, batched = AdaptiveDraftLength(max_tokens=4), AdaptiveDraftLength(max_tokens=4)
-    for _ in range(4):  # about half of the guesses kept
-        alone.update(4, 2, batch=1)
-        batched.update(4, 2, batch=8)
-    assert alone.next_length() > 0  # pays alone
-    assert batched.next_length() == 0 and batched.paused_steps > 0  # not in a batch of 8
-    for _ in range(AdaptiveDraftLength.COOLDOWN_STEPS):
-        batched.next_length()
-    assert batched.next_length() == 1  # it probes again
-    batched.update(1, 1, batch=8)
-    assert batched.next_length() >= 1  # a kept probe resumes guessing
-
-
 def test_scheduler_feeds_guesses_only_into_free_pages_and_gives_back_the_rejected_ones() -> None:
     scheduler = Scheduler(num_pages=3, page_size=4, max_batch_size=2, max_batch_tokens=64)
     seq = Sequence("s", [1, 2, 3], max_tokens=9)
