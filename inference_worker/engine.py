@@ -515,6 +515,7 @@ class Engine:
                 batch, stride = graph_step
                 assert self.decode_graphs is not None
                 logits = self.decode_graphs.forward(batch)
+                self.metrics.decode_graph_steps.inc()
             else:
                 batch, stride = build_batch(plan.scheduled, self.device), 0
                 logits = self.model.forward(batch, self.cache)
@@ -664,6 +665,7 @@ class Engine:
         self.metrics.num_requests_waiting.set(len(self.scheduler.waiting))
         self.metrics.kv_cache_usage_perc.set(self.scheduler.kv_usage)
         self.metrics.kv_cache_free_pages.set(self.scheduler.num_free_pages)
+        self.metrics.decode_graphs.set(self._num_graphs())
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

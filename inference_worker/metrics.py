@@ -47,6 +47,14 @@ class WorkerMetrics:
             "trellis_kv_cache_free_pages", "KV pages free for new tokens (cached prefixes included).", labels,
             registry=registry,
         ).labels(model=model)  # fmt: skip
+        self.decode_graph_steps = Counter(
+            "trellis_decode_graph_steps", "Forward steps replayed from a CUDA graph (decode and verify).", labels,
+            registry=registry,
+        ).labels(model=model)  # fmt: skip
+        self.decode_graphs = Gauge(
+            "trellis_decode_graphs", "CUDA graphs captured (the served model's and a draft model's).", labels,
+            registry=registry,
+        ).labels(model=model)  # fmt: skip
         self.prefix_cache_queries = Counter(
             "trellis_prefix_cache_queries", "Tokens looked up in the prefix cache.", labels, registry=registry
         ).labels(model=model)

@@ -177,7 +177,8 @@ def test_engine_decoding_through_the_graph_buffers_gives_the_plain_engines_token
         for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=False))
     ]
     plain = run(make_engine(loaded, decode_graphs="off"), reqs)
-    engine = make_engine(loaded, decode_graphs="static")
+    registry = CollectorRegistry()
+    engine = make_engine(loaded, registry, decode_graphs="static")
     assert engine.cache.num_pages == engine.scheduler.num_pages + 1  # the scratch page is the scheduler's to never use
     late = GenerationRequest("late", "m", tok.encode(PROMPTS[6]).ids, greedy(6))  # joins mid-way: a mixed step
     for req in reqs:
@@ -196,6 +197,9 @@ def test_engine_decoding_through_the_graph_buffers_gives_the_plain_engines_token
     assert tokens_of(events["late"]) == tokens_of(alone["late"])
     stats = engine.stats()
     assert stats["decode_graphs"] >= 3 and stats["decode_graph_steps"] >= 10
+    labels = {"model": "smollm2"}
+    assert registry.get_sample_value("trellis_decode_graph_steps_total", labels) == stats["decode_graph_steps"]
+    assert registry.get_sample_value("trellis_decode_graphs", labels) == stats["decode_graphs"]
     assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
 
 
