@@ -21,6 +21,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 
 from shared.tokenizer import ChatTemplateError, ModelTokenizer
+from tests.test_tokenizer import CONVERSATIONS as TOKENIZER_CONVERSATIONS
 
 TEMPLATES_DIR = Path(__file__).parent / "data" / "chat_templates"
 
@@ -69,23 +70,9 @@ WEATHER_TOOL = {
 }
 TOOL_CALL_ID = "a1b2c3d4e"  # Mistral's template insists on 9 alphanumeric characters
 
+# The plain conversations of tests/test_tokenizer.py (HTML-ish text, emoji, padded whitespace), plus reasoning turns
 CONVERSATIONS: dict[str, list[dict[str, Any]]] = {
-    "system_and_user": [
-        {"role": "system", "content": 'You are terse. Use <b>bold</b> & "quotes" freely.'},
-        {"role": "user", "content": "Capital of Japan? 🗾"},
-    ],
-    "multi_turn": [
-        {"role": "user", "content": "Hi! 👋"},
-        {"role": "assistant", "content": "Hello."},
-        {"role": "user", "content": "  Écris un haïku sur 東京.\nTwo lines.  "},
-    ],
-    "multi_turn_with_system": [
-        {"role": "system", "content": "Answer in French."},
-        {"role": "user", "content": "1+1?"},
-        {"role": "assistant", "content": "2"},
-        {"role": "user", "content": "times 3?"},
-    ],
-    "no_system": [{"role": "user", "content": "What is the capital of France?"}],
+    **TOKENIZER_CONVERSATIONS,
     "reasoning": [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4", "reasoning_content": "Two plus two is four."},
@@ -265,7 +252,7 @@ def test_raise_exception_in_a_real_template_is_our_chat_template_error(
         pairs[family].ours.apply_chat_template(messages)
 
 
-@pytest.mark.parametrize("conversation", ["system_and_user", "multi_turn", "no_system"])
+@pytest.mark.parametrize("conversation", ["system_and_user", "multi_turn_without_system", "single_turn"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_chat_prompt_ids_match_transformers_with_bos_once(
     pairs: dict[str, Pair], family: str, conversation: str
