@@ -70,6 +70,20 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
+def padded_chunk(chunk: BatchChunk, length: int, scratch_slot: int) -> Chunk:
+    """``chunk`` fed as ``length`` tokens, every row wanting logits, as a CUDA-graph step takes it: its own tokens,
+    then copies of its last one at the next positions whose K/V go to ``scratch_slot`` (their logits are ignored)."""
+    pad = length - len(chunk.token_ids)
+    last = chunk.positions[-1]
+    return Chunk(
+        token_ids=[*chunk.token_ids, *[chunk.token_ids[-1]] * pad],
+        positions=[*chunk.positions, *range(last + 1, last + 1 + pad)],
+        slot_mapping=[*chunk.slot_mapping, *[scratch_slot] * pad],
+        block_table=chunk.block_table,
+        num_logits=length,
+    )
+
+
 def build_batch(chunks: Sequence[BatchChunk], device: torch.device) -> ForwardBatch:
     """The tensors of one ragged forward over ``chunks``, in order."""
     input_ids: list[int] = []

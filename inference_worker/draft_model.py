@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from inference_worker.batch import Chunk, ForwardBatch, build_batch, pages_for
+from inference_worker.batch import Chunk, ForwardBatch, build_batch, padded_chunk, pages_for
 from inference_worker.cuda_graphs import DecodeGraphs
 from inference_worker.kv_cache import PagedKVCache
 from inference_worker.prefix_cache import PagePool
@@ -225,18 +225,16 @@ class DraftModelProposer(Proposer):
         return logits.argmax(dim=-1).tolist()
 
     def _batch(self, feeds: list[tuple[_DraftSeq, list[int]]], pad_to: int = 0) -> ForwardBatch:
-        """The forward over ``feeds``; ``pad_to`` feeds every sequence that many tokens (copies of its last, written
-        to the scratch slot) and asks for every row's logits, as a graph step does."""
+        """The forward over ``feeds``; ``pad_to`` feeds every sequence that many tokens and asks for every row's
+        logits, as a graph step does (``batch.padded_chunk``)."""
         ps = self.page_size
         chunks = []
         for seq, tokens in feeds:
             positions = list(range(len(seq.cached), len(seq.cached) + len(tokens)))
             slots = [seq.pages[p // ps] * ps + p % ps for p in positions]
-            pad = max(0, pad_to - len(tokens))
+            chunk = Chunk(tokens, positions, slots, seq.pages)
             if pad_to:
                 assert self.graphs is not None
-                tokens = [*tokens, *[tokens[-1]] * pad]
-                positions = [*positions, *range(positions[-1] + 1, positions[-1] + 1 + pad)]
-                slots = [*slots, *[self.graphs.scratch_slot] * pad]
-            chunks.append(Chunk(tokens, positions, slots, seq.pages, num_logits=len(tokens) if pad_to else 1))
+                chunk = padded_chunk(chunk, pad_to, self.graphs.scratch_slot)
+            chunks.append(chunk)
         return build_batch(chunks, self.device)

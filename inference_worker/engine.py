@@ -19,7 +19,7 @@ import tokenizers
 import torch
 from prometheus_client import CollectorRegistry
 
-from inference_worker.batch import Chunk, ForwardBatch, build_batch
+from inference_worker.batch import ForwardBatch, build_batch, padded_chunk
 from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.key_centering import measure_key_offsets
@@ -296,7 +296,8 @@ class Engine:
         for request_id in aborts:
             self._abort(request_id, events)
 
-        started, graphs_before = time.perf_counter(), self._num_graphs()
+        started = time.perf_counter()
+        graphs_before = self._num_graphs() if self.governor is not None else 0
         drafts = self._propose_drafts()
         plan = self.scheduler.schedule(drafts)
         if plan.preempted:
@@ -314,15 +315,16 @@ class Engine:
                     self.metrics.request_queue_time.observe(now - r.arrival)
             self._tokens_this_step = 0
             self._forward_and_sample(plan, events)
-            if self._num_graphs() == graphs_before:  # a step that captured a graph says nothing about steady cost
+            if self.governor is not None and self._num_graphs() == graphs_before:  # a capture is no steady cost
                 self._time_decode_step(plan, bool(drafts), time.perf_counter() - started)
         self._update_gauges()
         return events
 
     def _time_decode_step(self, plan: StepPlan, speculated: bool, seconds: float) -> None:
         """Tell the governor what a decode-only step (no prompt chunk in it) cost and gave."""
-        if self.governor is None or not all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled):
+        if not _decode_only(plan):
             return
+        assert self.governor is not None
         n = len(plan.scheduled)
         self.governor.record(self._speculation_bucket(n), speculated, seconds, self._tokens_this_step / n)
 
@@ -547,12 +549,12 @@ class Engine:
         sequence with fewer guesses than the longest is padded with copies of its last token whose K/V go to the
         scratch slot and whose logits are never read."""
         graphs = self.decode_graphs
-        if graphs is None or not all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled):
+        if graphs is None or not _decode_only(plan):
             return None
         q = max(i.query_len for i in plan.scheduled)
         if q > graphs.max_query:
             return None
-        chunks = [item if item.query_len == q else _pad_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
+        chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
         batch = build_batch(chunks, self.device)
         return (batch, q) if graphs.eligible(batch) else None
 
@@ -673,18 +675,9 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------------
-def _pad_chunk(item: ScheduledSeq, length: int, scratch_slot: int) -> Chunk:
-    """``item`` fed as ``length`` tokens: its own, then copies of its last one at the next positions, written to
-    ``scratch_slot``; every row gets logits (the padding's are ignored)."""
-    pad = length - item.query_len
-    last = item.positions[-1]
-    return Chunk(
-        token_ids=[*item.token_ids, *[item.token_ids[-1]] * pad],
-        positions=[*item.positions, *range(last + 1, last + 1 + pad)],
-        slot_mapping=[*item.slot_mapping, *[scratch_slot] * pad],
-        block_table=item.block_table,
-        num_logits=length,
-    )
+def _decode_only(plan: StepPlan) -> bool:
+    """Every sequence of the step samples from its last known token (plus its guesses): no prompt chunk in it."""
+    return all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled)
 
 
 def _decode_graphs_mode(mode: str, device: torch.device, model: Any) -> str:
