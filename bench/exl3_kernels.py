@@ -5,9 +5,12 @@
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul.
 2. Correctness at real sizes (fresh random trellises): W-hat bit-exact for every K and codebook, the fused matmul
    and the reconstruction against ``kernels.exl3_ref`` in fp32; outputs come from memory poisoned with NaN first.
-3. Decode timings on Llama-3-8B shapes: every K at batch 1, K=2/4 at batch 16, bf16 torch.matmul baseline. Each
+3. With --sweep: launch configs (GemvConfig) timed at K=4, batch 1; the best one is used from then on.
+4. Per-launch breakdown at K=4, batch 1: the fused path's three launches each timed alone, next to
+   the whole call and an empty kernel (what one launch costs inside a graph).
+5. Decode timings on Llama-3-8B shapes: every K at batch 1, K=2/4 at batch 16, bf16 torch.matmul baseline. Each
    timing replays a CUDA graph of calls rotating over enough weight copies to overflow L2, median of do_bench.
-4. Prefill (2048 rows): reconstruct + matmul against bf16 matmul.
+6. Prefill (2048 rows): reconstruct + matmul against bf16 matmul.
 Full results go to $OUT/exl3_kernels.json (or --out); a short table is printed last.
 """
 
@@ -21,16 +24,19 @@ import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from kernels import exl3_matmul  # noqa: E402
 from kernels import exl3_ref as ref  # noqa: E402
-from kernels.exl3_matmul import GemvConfig, exl3_gemv, exl3_matmul  # noqa: E402
+from kernels.exl3_matmul import GemvConfig, exl3_gemv, gemv_launches  # noqa: E402
 from kernels.exl3_reconstruct import decode_trellis, reconstruct_weight  # noqa: E402
 from kernels.hadamard import hadamard_transform  # noqa: E402
 
@@ -115,7 +121,7 @@ def check_correctness(res: dict, gen: torch.Generator) -> None:
             w = reconstruct_weight(tr, suh, svh, cb)
             out[f"reconstruct_relerr_{name}_K{K}_{cb}"] = rel_err(w, ref.reconstruct_weight(tr, suh, svh, cb).float())
         x = torch.randn(2048, k, device="cuda").bfloat16()
-        y = exl3_matmul(x, tr, suh, svh, cb, bias)
+        y = exl3_matmul.exl3_matmul(x, tr, suh, svh, cb, bias)
         out[f"prefill_relerr_{name}"] = rel_err(y, ref.exl3_matmul_ref(x.float(), tr, suh, svh, cb, bias))
     x = torch.randn(64, 4000, device="cuda")
     s = torch.randn(4096, device="cuda").half()
@@ -140,17 +146,51 @@ def time_bf16(k: int, n: int, m: int) -> float:
     return graph_us([lambda w=w: torch.matmul(x, w) for w in ws])
 
 
-SWEEP = [GemvConfig(waves=wv, num_warps=w) for w in (8, 4) for wv in (1, 2, 4)]
+def sweep_configs(base: GemvConfig) -> list[GemvConfig]:
+    grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in (1, 2, 4)]
+    return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)]
 
 
 def cfg_key(c: GemvConfig) -> str:
-    return f"warps{c.num_warps}/waves{c.waves}"
+    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}"
+
+
+@triton.jit
+def _empty_kernel(ptr):
+    tl.store(ptr + tl.program_id(0), 0.0)
+
+
+def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) -> None:
+    """K=4, batch 1: each launch of the fused path timed alone (same graph method), the whole call, an empty kernel."""
+    rows = res.setdefault("breakdown", [])
+    res["breakdown_config"] = cfg_key(cfg or exl3_matmul.DEFAULT_CONFIG)
+    sink = torch.empty(1, device="cuda")
+    empty_us = graph_us([lambda: _empty_kernel[(1,)](sink)] * 32)
+    res["empty_launch_us"] = empty_us
+    for name, (k, n) in SHAPES.items():
+        sets = [rand_layer(k, n, 4, gen) for _ in range(copies(k * n * 4 // 8))]
+        x = torch.randn(1, k, device="cuda").bfloat16()
+        plans = [gemv_launches(x, *s, "mul1", None, cfg)[0] for s in sets]
+        row = {
+            "shape": name,
+            "K": 4,
+            "launches": len(plans[0]),
+            "total_us": graph_us([lambda p=p: [launch() for launch in p] for p in plans]),
+            "hadamard_us": graph_us([p[0] for p in plans]),
+            "weight_us": graph_us([p[-2] for p in plans]),
+            "finish_us": graph_us([p[-1] for p in plans]),
+            "empty_launch_us": empty_us,
+        }
+        row["launch_sum_us"] = row["hadamard_us"] + row["weight_us"] + row["finish_us"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
 
 
 def sweep(res: dict, gen: torch.Generator) -> GemvConfig:
     rows = res.setdefault("sweep", [])
     totals: dict[str, float] = {}
-    for cfg in SWEEP:
+    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG)
+    for cfg in configs:
         try:
             us = {name: time_gemv(k, n, 4, 1, gen, cfg) for name, (k, n) in SHAPES.items()}
         except Exception as exc:  # a config that fails to compile or launch is reported, not fatal
@@ -161,7 +201,7 @@ def sweep(res: dict, gen: torch.Generator) -> GemvConfig:
         print(f"sweep {cfg_key(cfg)}: " + ", ".join(f"{v:.2f}" for v in us.values()), flush=True)
     best = min(totals, key=totals.get)
     res["sweep_best"] = best
-    return SWEEP[[cfg_key(c) for c in SWEEP].index(best)]
+    return configs[[cfg_key(c) for c in configs].index(best)]
 
 
 def decode_timings(res: dict, gen: torch.Generator, cfg: GemvConfig | None, ks: list[int]) -> None:
@@ -169,7 +209,7 @@ def decode_timings(res: dict, gen: torch.Generator, cfg: GemvConfig | None, ks: 
     for name, (k, n) in SHAPES.items():
         base1 = time_bf16(k, n, 1)
         base16 = time_bf16(k, n, 16)
-        res.setdefault("config", repr(cfg or GemvConfig()))
+        res.setdefault("config", repr(cfg or exl3_matmul.DEFAULT_CONFIG))
         row3 = {"shape": name, "K": 4, "codebook": "3inst", "exl3_us": time_gemv(k, n, 4, 1, gen, cfg, "3inst")}
         res.setdefault("decode_3inst", []).append(row3)
         for K in ks:
@@ -207,7 +247,7 @@ def prefill_timings(res: dict, gen: torch.Generator) -> None:
         base_g = graph_us([functools.partial(torch.matmul, x, w)] * 2)
         for K in (2, 4):
             tr, suh, svh = rand_layer(k, n, K, gen)
-            call = functools.partial(exl3_matmul, x, tr, suh, svh, "mul1")
+            call = functools.partial(exl3_matmul.exl3_matmul, x, tr, suh, svh, "mul1")
             total = median_us(call)
             total_g = graph_us([call] * 2)
             rec = median_us(reconstruct_weight, tr, suh, svh, "mul1", torch.bfloat16)
@@ -238,6 +278,15 @@ def table(res: dict) -> str:
         lines.append(
             f"  {r['shape']:<20} {r['K']} {r['exl3_us']:7.2f} {r['bf16_us']:7.2f} {r['speedup']:5.2f}x "
             f"{r['weight_GBps']:7.0f} {r['of_copy_bw']:5.2f} {b16}"
+        )
+    lines.append(
+        f"launches (batch 1, K4, {res.get('breakdown_config')}): shape | whole call us | Hadamard us "
+        f"| weight kernel us | finish kernel us | sum | empty launch {res.get('empty_launch_us', float('nan')):.2f} us"
+    )
+    for r in res.get("breakdown", []):
+        lines.append(
+            f"  {r['shape']:<20} {r['total_us']:7.2f} {r['hadamard_us']:7.2f} {r['weight_us']:7.2f} "
+            f"{r['finish_us']:7.2f} {r['launch_sum_us']:7.2f}"
         )
     lines.append("prefill 2048 rows: shape | K | reconstruct+matmul us | reconstruct us | bf16 us | ratio | graphed")
     for r in res.get("prefill", []):
@@ -270,6 +319,7 @@ def main() -> None:
         steps.append(("correctness", lambda: check_correctness(res, gen)))
     if args.sweep:
         steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen))))
+    steps.append(("breakdown", lambda: launch_breakdown(res, gen, state["cfg"])))
     ks = [2, 4] if args.quick else list(range(1, 9))
     steps.append(("decode", lambda: decode_timings(res, gen, state["cfg"], ks)))
     if not args.no_prefill:

@@ -40,7 +40,7 @@ for s in "${steps[@]}"; do
            ${E2E_ARGS:-} ;;
     kv) step kv "${T_KV:-120}" python bench/kv_cache.py --quick --out "$OUT" ;;
     moe) step moe "${T_MOE:-120}" python bench/moe.py --out "$OUT" ;;
-    exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ;;
+    exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ${EXL3_ARGS:-} ;;
     spec) step spec "${T_SPEC:-300}" python bench/speculative.py --out "$OUT" ${SPEC_ARGS:-} ;;
     serving) step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
                --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ;;

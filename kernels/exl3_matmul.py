@@ -4,20 +4,28 @@ Small batches (decode, <= 32 rows) never build W. Three launches:
 
 1. ``hadamard_transform``: ``xh = (x * suh) H`` in fp16 (rows x in: tiny).
 2. ``_gemv_kernel``: the grid is (output blocks of 128 columns) x (split-K slices of the input axis), so even a
-   1024-wide layer fills the GPU. Each program streams its trellis tiles through ``decode_tiles`` in 128-row steps
-   and multiplies them transposed, ``W^T xh^T``: the 128 weight columns fill the MMA's 64-row side while the batch
-   (padded to 16 or 32) rides along, so 16 rows cost what one row costs. It writes fp32 partial sums.
-3. ``_finish_kernel``: adds the slices in slice order (deterministic: a row gets the same bits alone or batched
-   with up to 16 rows), applies the output Hadamard (tf32: sums may exceed fp16), ``svh`` and bias, and casts.
+   1024-wide layer fills the GPU. Each program walks its slice in 128-row steps, decodes each step's trellis tiles
+   through ``decode_tiles`` as two 64-row halves (fewer live registers than one 128-row tile) and multiplies them
+   transposed, ``W^T xh^T``: the 128 weight columns fill the MMA's 64-row side while the batch (padded to 16 or 32)
+   rides along, so 16 rows cost what one row costs. It writes fp32 partial sums laid out (slice, row, column),
+   real rows only.
+3. ``_finish_kernel``: one program per (128 columns, row) loads all of the row's slices at once and adds them with
+   a fixed-shape ``tl.sum`` tree (no atomics: a row gets the same bits alone or batched with up to 16 rows, whatever
+   the scheduling), then applies the output Hadamard (one Sylvester level, H128 = [[H64, H64], [H64, -H64]]: exact
+   +-1 products summed in fp32, since sums may exceed fp16), ``svh`` and bias, and casts. On an H200 this parallel
+   sum took the 4096 x 4096 layer from 21.5 to 14.7 us against the serial loop it replaced.
 
-A single-launch version (input Hadamard and a last-arriver split-K epilogue inside the weight kernel) passed the
-interpreter tests but faulted on an H200 at Llama sizes; see the kernels notes in BENCHMARKS.md before retrying it.
+Fewer launches did not survive the GPU (Triton 3.6, H200): a last-arriver split-K epilogue faulted at Llama sizes,
+and the input Hadamard computed inside the weight kernel as a tf32 ``tl.dot`` whose result feeds the weight
+``tl.dot`` passed the interpreter but read out of bounds at 8 warps and gave wrong sums at 4. See BENCHMARKS.md.
 
 Large batches (prefill) rebuild the dense weight once (``reconstruct_weight``) and use the library matmul.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,11 +50,22 @@ MAX_STEPS = 8  # bounds the number of compiled variants (STEPS is a constexpr)
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch shape of the weight kernel: split-K slices (0: about `waves` programs per SM) and warps."""
+    """Launch shapes of the weight and finish kernels (the bench sweeps them).
+
+    splits: split-K slices of the weight kernel (0: about ``waves`` programs per SM); num_warps / num_stages: the
+    weight kernel's (num_stages 2 measured 3-6x slower on an H200). finish_warps: the finish kernel's;
+    finish_chunk: slices it loads per tile (a power of two; more are added chunk after chunk, in chunk order).
+    """
 
     splits: int = 0
     waves: int = 4
     num_warps: int = 8
+    num_stages: int = 1
+    finish_warps: int = 4
+    finish_chunk: int = 32
+
+
+DEFAULT_CONFIG = GemvConfig()
 
 
 @triton.jit
@@ -67,23 +86,27 @@ def _gemv_kernel(
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    r128 = tl.arange(0, 128)
+    r64 = tl.arange(0, 64)
+    row_ok = rows < M
     acc = tl.zeros((128, BLOCK_M), dtype=tl.float32)  # (W^T xh^T) for this program's 128 columns
     for i in range(STEPS):
         step = pid_s * STEPS + i
-        xh = tl.load(
-            xh_ptr + rows[None, :] * stride_xh + step * 128 + r128[:, None], mask=(rows < M)[None, :], other=0.0
-        )
-        w = decode_tiles(words_ptr, step * 8, pid_n * 8, n_cols // 16, K, G, CODEBOOK, 8, 8, ASM)
-        acc = tl.dot(tl.trans(w), xh, acc)
-    cols = pid_n * 128 + r128
-    tl.store(part_ptr + (pid_s * n_cols + cols[:, None]) * BLOCK_M + rows[None, :], acc)
+        xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
+        xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
+        xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
+        w_a = decode_tiles(words_ptr, step * 8, pid_n * 8, n_cols // 16, K, G, CODEBOOK, 4, 8, ASM)
+        w_b = decode_tiles(words_ptr, step * 8 + 4, pid_n * 8, n_cols // 16, K, G, CODEBOOK, 4, 8, ASM)
+        acc = tl.dot(tl.trans(w_a), xh_a, acc)
+        acc = tl.dot(tl.trans(w_b), xh_b, acc)
+    cols = pid_n * 128 + tl.arange(0, 128)
+    # partials laid out (slice, row, column): the finish kernel reads a row's slices as contiguous lines
+    tl.store(part_ptr + (pid_s * M + rows[None, :]) * n_cols + cols[:, None], acc, mask=row_ok[None, :])
 
 
 @triton.jit
 def _finish_kernel(
     part_ptr,
-    h_ptr,
+    h64_ptr,
     svh_ptr,
     bias_ptr,
     y_ptr,
@@ -92,20 +115,38 @@ def _finish_kernel(
     n_bias,
     stride_ym,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     SPLITS: tl.constexpr,
+    CHUNK: tl.constexpr,  # slices per load tile, a power of two
+    N_CHUNKS: tl.constexpr,
 ):
-    rows = tl.arange(0, BLOCK_M)
-    r128 = tl.arange(0, 128)
-    cols = tl.program_id(0) * 128 + r128
-    acc = tl.zeros((BLOCK_M, 128), dtype=tl.float32)
-    for s in range(SPLITS):  # slice order: results do not depend on scheduling
-        acc += tl.load(part_ptr + (s * n_cols + cols[None, :]) * BLOCK_M + rows[:, None])
-    y = tl.dot(acc, tl.load(h_ptr + r128[:, None] * 128 + r128[None, :])) * 0.08838834764831845  # 1/sqrt(128)
-    y *= tl.load(svh_ptr + cols).to(tl.float32)[None, :]
+    row = tl.program_id(1)
+    r64 = tl.arange(0, 64)
+    cols_a = tl.program_id(0) * 128 + r64  # the block's two halves: y = [(a + b) H64, (a - b) H64]
+    cols_b = cols_a + 64
+    h = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :])  # independent of the partials: overlaps
+    sl = tl.arange(0, CHUNK)
+    acc_a = tl.zeros((64,), dtype=tl.float32)
+    acc_b = tl.zeros((64,), dtype=tl.float32)
+    for c in tl.static_range(N_CHUNKS):  # unrolled: the chunks' loads do not wait for each other
+        s = c * CHUNK + sl
+        line = part_ptr + (s[:, None] * M + row) * n_cols
+        s_ok = (s < SPLITS)[:, None]
+        # fixed trees over the slices, then chunk order: deterministic, and the same for any M
+        acc_a += tl.sum(tl.load(line + cols_a[None, :], mask=s_ok, other=0.0), axis=0)
+        acc_b += tl.sum(tl.load(line + cols_b[None, :], mask=s_ok, other=0.0), axis=0)
+    # one row: exact +-products summed in fp32 (a tensor-core dot would need 16 rows)
+    y_a = tl.sum((acc_a + acc_b)[:, None] * h, axis=0) * 0.08838834764831845  # 1/sqrt(128)
+    y_b = tl.sum((acc_a - acc_b)[:, None] * h, axis=0) * 0.08838834764831845
+    _finish_store(y_ptr + row * stride_ym, y_a, cols_a, svh_ptr, bias_ptr, n_bias, HAS_BIAS)
+    _finish_store(y_ptr + row * stride_ym, y_b, cols_b, svh_ptr, bias_ptr, n_bias, HAS_BIAS)
+
+
+@triton.jit
+def _finish_store(y_row_ptr, y, cols, svh_ptr, bias_ptr, n_bias, HAS_BIAS: tl.constexpr):
+    y *= tl.load(svh_ptr + cols).to(tl.float32)
     if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=cols < n_bias, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None])
+        y += tl.load(bias_ptr + cols, mask=cols < n_bias, other=0.0).to(tl.float32)
+    tl.store(y_row_ptr + cols, y.to(y_row_ptr.dtype.element_ty))
 
 
 def _check_layer(
@@ -149,6 +190,85 @@ def _steps_per_split(k_steps: int, target_splits: int) -> int:
     return steps
 
 
+def gemv_launches(
+    x: torch.Tensor,
+    trellis: torch.Tensor,
+    suh: torch.Tensor,
+    svh: torch.Tensor,
+    codebook: str,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> tuple[list[Callable[[], None]], torch.Tensor]:
+    """``exl3_gemv`` as its launches, in order, with their buffers allocated, and the output they fill.
+
+    ``exl3_gemv`` runs exactly these; the bench also calls them one by one to time each launch. x has at least one
+    row. The output is (rows, out_pad): reshape it to x's leading shape.
+    """
+    K, k, n = _check_layer(x, trellis, suh, svh, codebook, bias)
+    cfg = config or DEFAULT_CONFIG
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    if m > MAX_FUSED_ROWS:
+        raise ValueError(f"the fused kernel takes at most {MAX_FUSED_ROWS} rows, got {m}; use exl3_matmul")
+    if m == 0:
+        raise ValueError("gemv_launches needs at least one row")
+    k_steps, col_blocks = k // HAD_BLOCK, n // HAD_BLOCK
+    if cfg.splits and (k_steps % cfg.splits or k_steps // cfg.splits > MAX_STEPS):
+        raise ValueError(
+            f"splits={cfg.splits} must divide the {k_steps} input blocks of a ({k}, {n}) layer "
+            f"into at most {MAX_STEPS} each"
+        )
+    if cfg.finish_chunk < 1 or cfg.finish_chunk & (cfg.finish_chunk - 1):
+        raise ValueError(f"finish_chunk must be a power of two, got {cfg.finish_chunk}")
+    steps = (
+        k_steps // cfg.splits if cfg.splits else _steps_per_split(k_steps, cfg.waves * _num_sms(x.device) // col_blocks)
+    )
+    splits = k_steps // steps  # independent of m: a row's sums never depend on its batch
+    chunk = min(cfg.finish_chunk, triton.next_power_of_2(splits))
+    h64 = hadamard_signs(HAD_BLOCK // 2, x.device)  # fp32 +-1, for the finish kernel's output Hadamard
+    xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
+    partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    hadamard = functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh)
+    weight = functools.partial(
+        _gemv_kernel[(col_blocks, splits)],
+        xh,
+        trellis_words(trellis),
+        partial,
+        m,
+        n,
+        xh.stride(0),
+        K=K,
+        G=group_size(K),
+        CODEBOOK=CODEBOOK_IDS[codebook],
+        BLOCK_M=16 if m <= 16 else 32,
+        STEPS=steps,
+        ASM=use_asm(),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    finish = functools.partial(
+        _finish_kernel[(col_blocks, m)],
+        partial,
+        h64,
+        svh,
+        bias if bias is not None else svh,
+        y,
+        m,
+        n,
+        bias.shape[0] if bias is not None else 0,
+        y.stride(0),
+        HAS_BIAS=bias is not None,
+        SPLITS=splits,
+        CHUNK=chunk,
+        N_CHUNKS=triton.cdiv(splits, chunk),
+        num_warps=cfg.finish_warps,
+    )
+    return [hadamard, weight, finish], y
+
+
 def exl3_gemv(
     x: torch.Tensor,
     trellis: torch.Tensor,
@@ -159,63 +279,14 @@ def exl3_gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """The fused small-batch path: x [..., in] (at most 32 rows) -> y [..., out_pad] in x's dtype, W never built."""
-    K, k, n = _check_layer(x, trellis, suh, svh, codebook, bias)
-    cfg = config or GemvConfig()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    if m > MAX_FUSED_ROWS:
-        raise ValueError(f"the fused kernel takes at most {MAX_FUSED_ROWS} rows, got {m}; use exl3_matmul")
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if m == 0:
-        return y.reshape(*lead, n)
-    k_steps, col_blocks = k // HAD_BLOCK, n // HAD_BLOCK
-    if cfg.splits and (k_steps % cfg.splits or k_steps // cfg.splits > MAX_STEPS):
-        raise ValueError(
-            f"splits={cfg.splits} must divide the {k_steps} input blocks of a ({k}, {n}) layer "
-            f"into at most {MAX_STEPS} each"
-        )
-    steps = (
-        k_steps // cfg.splits if cfg.splits else _steps_per_split(k_steps, cfg.waves * _num_sms(x.device) // col_blocks)
-    )
-    splits = k_steps // steps
-    block_m = 16 if m <= 16 else 32
-    xh = hadamard_transform(x2, scale_in=suh, out_features=k, out_dtype=torch.float16)
-    partial = torch.empty((splits, n, block_m), dtype=torch.float32, device=x.device)
-    _gemv_kernel[(col_blocks, splits)](
-        xh,
-        trellis_words(trellis),
-        partial,
-        m,
-        n,
-        xh.stride(0),
-        K=K,
-        G=group_size(K),
-        CODEBOOK=CODEBOOK_IDS[codebook],
-        BLOCK_M=block_m,
-        STEPS=steps,
-        ASM=use_asm(),
-        num_warps=cfg.num_warps,
-        num_stages=1,
-    )
-    _finish_kernel[(col_blocks,)](
-        partial,
-        hadamard_signs(HAD_BLOCK, x.device),
-        svh,
-        bias if bias is not None else svh,
-        y,
-        m,
-        n,
-        bias.shape[0] if bias is not None else 0,
-        y.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        SPLITS=splits,
-        num_warps=4,
-    )
-    return y.reshape(*lead, n)
+    if lead.numel() == 0:
+        _, _, n = _check_layer(x, trellis, suh, svh, codebook, bias)
+        return torch.empty((*lead, n), dtype=x.dtype, device=x.device)
+    launches, y = gemv_launches(x, trellis, suh, svh, codebook, bias, config)
+    for launch in launches:
+        launch()
+    return y.reshape(*lead, y.shape[1])
 
 
 def exl3_matmul(

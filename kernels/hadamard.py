@@ -90,11 +90,13 @@ def hadamard_transform(
     scale_out: torch.Tensor | None = None,
     out_features: int | None = None,
     out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Block-128 Hadamard of the last axis: ``((x * scale_in) @ H) * scale_out``, H orthonormal.
 
     ``out_features`` (a multiple of 128, at least x's width) zero-pads the last axis first: EXL3 layers pad their
-    inputs to 128. ``scale_in`` / ``scale_out`` have ``out_features`` entries. Output dtype defaults to x's.
+    inputs to 128. ``scale_in`` / ``scale_out`` have ``out_features`` entries. Output dtype defaults to x's;
+    ``out`` (rows, out_features), if given, receives the result (a fixed buffer, e.g. for a CUDA graph).
     """
     n_in = x.shape[-1]
     n = n_in if out_features is None else out_features
@@ -109,7 +111,9 @@ def hadamard_transform(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
+    if out is not None and (tuple(out.shape) != (m, n) or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({m}, {n}) tensor, got {tuple(out.shape)}")
+    y = out if out is not None else torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     if m:
         block_m = 64 if m >= 64 else max(16, triton.next_power_of_2(m))
         grid = (triton.cdiv(m, block_m), n // HAD_BLOCK)

@@ -64,22 +64,41 @@ def test_fused_matmul_matches_reference_on_a_padded_layer(K: int, codebook: str,
     assert relative_error(got, want) < 2e-3
 
 
-@pytest.mark.parametrize("config", [GemvConfig(splits=5), GemvConfig(splits=1, num_warps=4)])
-def test_fused_matmul_gives_the_same_result_for_any_tiling(config: GemvConfig) -> None:
-    trellis, suh, svh = random_layer(IN_PAD, OUT_PAD, 8, seed=3)
-    x = torch.randn(4, IN_FEATURES)
-    got = exl3_gemv(x, trellis, suh, svh, "mul1", config=config)
-    want = ref.exl3_matmul_ref(x, trellis, suh, svh, "mul1")
+@pytest.mark.parametrize(
+    ("in_pad", "config"),
+    [
+        (IN_PAD, GemvConfig(splits=5)),
+        (IN_PAD, GemvConfig(splits=1, num_warps=4)),
+        (IN_PAD, GemvConfig(splits=5, finish_chunk=2)),  # three chunks, the last one ragged
+        (1024, GemvConfig(splits=2, num_stages=2)),
+        (1024, GemvConfig(splits=4, finish_chunk=1, finish_warps=8)),
+        (1024, GemvConfig(splits=8)),
+    ],
+)
+def test_fused_matmul_gives_the_same_result_for_any_tiling(in_pad: int, config: GemvConfig) -> None:
+    trellis, suh, svh = random_layer(in_pad, OUT_PAD, 8, seed=3)
+    bias = torch.randn(OUT_FEATURES).half()
+    x = torch.randn(4, in_pad - 64)  # narrower than the layer: the kernel zero-pads the missing features
+    got = exl3_gemv(x, trellis, suh, svh, "mul1", bias, config=config)
+    want = ref.exl3_matmul_ref(x, trellis, suh, svh, "mul1", bias)
     assert relative_error(got, want) < 2e-3
 
 
-def test_a_row_gets_the_same_bits_alone_as_inside_a_batch() -> None:
+@pytest.mark.parametrize(
+    ("width", "dtype", "config"),
+    [(IN_PAD, torch.float16, None), (IN_FEATURES, torch.bfloat16, GemvConfig(splits=5, finish_chunk=2))],
+)
+def test_a_row_gets_the_same_bits_alone_as_inside_a_batch(
+    width: int, dtype: torch.dtype, config: GemvConfig | None
+) -> None:
     # speculative decoding verifies k+1 tokens in one batch and must reproduce one-token greedy decoding exactly
     trellis, suh, svh = random_layer(IN_PAD, OUT_PAD, 4, seed=4)
-    x = torch.randn(9, IN_PAD).half()
-    batch = exl3_gemv(x, trellis, suh, svh, "mul1")
-    for i in (0, 4, 8):
-        assert torch.equal(exl3_gemv(x[i : i + 1], trellis, suh, svh, "mul1")[0], batch[i])
+    bias = torch.randn(OUT_FEATURES).to(dtype)
+    x = torch.randn(16, width).to(dtype)
+    batch = exl3_gemv(x, trellis, suh, svh, "mul1", bias, config=config)
+    for i in (0, 4, 8, 15):
+        assert torch.equal(exl3_gemv(x[i : i + 1], trellis, suh, svh, "mul1", bias, config=config)[0], batch[i])
+    assert torch.equal(exl3_gemv(x[3:12], trellis, suh, svh, "mul1", bias, config=config), batch[3:12])
 
 
 @pytest.mark.parametrize(("K", "codebook"), [(2, "mul1"), (3, "3inst"), (6, "mcg")])
@@ -130,5 +149,9 @@ def test_bad_inputs_are_rejected_with_errors_that_name_the_problem() -> None:
         exl3_matmul(torch.randn(2, 384), trellis, suh, svh, "mul1")
     with pytest.raises(ValueError, match="at most 32 rows"):
         exl3_gemv(torch.randn(33, 256), trellis, suh, svh, "mul1")
+    with pytest.raises(ValueError, match="splits=3"):
+        exl3_gemv(x, trellis, suh, svh, "mul1", config=GemvConfig(splits=3))
+    with pytest.raises(ValueError, match="power of two"):
+        exl3_gemv(x, trellis, suh, svh, "mul1", config=GemvConfig(finish_chunk=3))
     with pytest.raises(ValueError, match="multiple of 128"):
         hadamard_transform(torch.randn(2, 100))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import exl3_ref as ref
-from kernels.exl3_matmul import exl3_gemv, exl3_matmul
+from kernels.exl3_matmul import GemvConfig, exl3_gemv, exl3_matmul
 from kernels.exl3_reconstruct import decode_trellis, reconstruct_weight
 from kernels.hadamard import hadamard_transform
 
@@ -62,12 +62,33 @@ def test_fused_matmul_matches_reference_on_llama_shapes(k: int, n: int, K: int, 
         assert relative_error(got, want) < 5e-3  # bf16 output rounding dominates
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "config"),
+    [
+        (14336, 4096, GemvConfig(splits=112)),  # 4 chunks of slices in the finish kernel, the last one ragged
+        (14336, 4096, GemvConfig(splits=14, num_stages=2)),
+        (4096, 1024, GemvConfig(splits=4, num_warps=4, finish_warps=8, finish_chunk=2)),
+    ],
+)
+def test_fused_matmul_matches_reference_for_launch_configs(k: int, n: int, config: GemvConfig) -> None:
+    trellis, suh, svh = random_layer(k, n, 4, seed=k + 3 * n)
+    bias = torch.randn(n, device="cuda").half()
+    for rows in (1, 16):
+        x = torch.randn(rows, k - 96, device="cuda").bfloat16()  # narrower than the layer: zero padding
+        poison_allocator(256 * rows * n)
+        got = exl3_gemv(x, trellis, suh, svh, "mul1", bias, config)
+        want = ref.exl3_matmul_ref(x.float(), trellis, suh, svh, "mul1", bias)
+        assert relative_error(got, want) < 5e-3
+
+
 def test_a_row_gets_the_same_bits_alone_as_inside_a_batch() -> None:
     trellis, suh, svh = random_layer(4096, 4096, 4, seed=1)
+    bias = torch.randn(4096, device="cuda").half()
     x = torch.randn(16, 4096, device="cuda").half()
-    batch = exl3_gemv(x, trellis, suh, svh, "mul1")
+    batch = exl3_gemv(x, trellis, suh, svh, "mul1", bias)
     for i in (0, 7, 15):
-        assert torch.equal(exl3_gemv(x[i : i + 1], trellis, suh, svh, "mul1")[0], batch[i])
+        assert torch.equal(exl3_gemv(x[i : i + 1], trellis, suh, svh, "mul1", bias)[0], batch[i])
+    assert torch.equal(exl3_gemv(x[2:11], trellis, suh, svh, "mul1", bias), batch[2:11])
 
 
 @pytest.mark.parametrize(("k", "n"), LLAMA3_8B)
