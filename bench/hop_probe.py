@@ -3,7 +3,10 @@
                        tokenizing, queue reservation, XADD) to the worker scheduling it
     worker             the worker's ``ttft_s`` minus ``queue_s``: prefill and the first sample, in the worker
     worker → client    the client's first content chunk minus the worker's ``ttft_s``: XADD, XREAD, SSE, parse
-The worker's timings come from its final ``done`` event, read back from ``out:{request_id}`` in Redis.
+The worker's timings come from its final ``done`` event, read back from ``out:{request_id}`` in Redis. Then the same
+chats go straight into an Engine in this process (the worker's settings; clock started before the chat template):
+    in-process         its time to the first delta, and the engine's own prefill (``ttft_s - queue_s``)
+so the hop (client TTFT minus in-process TTFT) and the worker's prefill against the engine's alone come from one run.
 
     python bench/hop_probe.py [--requests 12] [--max-tokens 8]
 
@@ -17,6 +20,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -67,9 +71,7 @@ def main() -> int:
         try:
             with running_suite(url, models_dir, DEFAULT_MODEL_ID, Path(tmp)) as base:
                 for i in range(args.requests + 1):  # the first one warms up
-                    body = {"model": DEFAULT_MODEL_ID, "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-                            "messages": [{"role": "user", "content": f"Tell me one fact about the number {i}."}]}
-                    request_id, client_ttft = first_content_seconds(base, body)
+                    request_id, client_ttft = first_content_seconds(base, chat(i, args.max_tokens))
                     events = [wire.unpack(f[names.PAYLOAD_FIELD]) for _, f in r.xrange(names.output_stream(request_id))]
                     timings = next(e for e in events if e["type"] == "done")["timings"]
                     if i:
@@ -78,12 +80,59 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait()
+    local = in_process(models_dir, args.requests, args.max_tokens)
+    # The worker steps its engine on a thread of its own; the same loop on a plain thread isolates that from Redis.
+    threaded: list = []
+    runner = threading.Thread(target=lambda: threaded.extend(in_process(models_dir, args.requests, args.max_tokens)))
+    runner.start()
+    runner.join()
     names_ = ("gateway -> worker", "worker (prefill)", "worker -> client", "client TTFT")
     print(f"{'ms, p50 (min-max) over ' + str(len(rows)) + ' requests':<40}")
     for k, name in enumerate(names_):
         xs = [row[k] * 1000 for row in rows]
-        print(f"{name:<20} {statistics.median(xs):8.1f}  ({min(xs):.1f}-{max(xs):.1f})")
+        print(f"{name:<28} {statistics.median(xs):8.1f}  ({min(xs):.1f}-{max(xs):.1f})")
+    for k, name in enumerate(("in-process prefill", "in-process TTFT")):
+        for where, rows_ in (("", local), (", thread", threaded)):
+            xs = [row[k] * 1000 for row in rows_]
+            print(f"{name + where:<28} {statistics.median(xs):8.1f}  ({min(xs):.1f}-{max(xs):.1f})")
+    hop = statistics.median(r[3] for r in rows) - statistics.median(r[1] for r in local)
+    print(f"{'hop (TTFT p50 diff)':<28} {hop * 1000:8.1f}")
     return 0
+
+
+def chat(i: int, max_tokens: int) -> dict:
+    return {"model": DEFAULT_MODEL_ID, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "messages": [{"role": "user", "content": f"Tell me one fact about the number {i}."}]}
+
+
+def in_process(models_dir: Path, requests: int, max_tokens: int) -> list[tuple[float, float]]:
+    """(engine prefill, TTFT from before the chat template) for the same chats, one at a time, no gateway or Redis."""
+    from inference_worker.engine import Engine
+    from shared.tokenizer import ModelTokenizer
+    from shared.wire import GenerationRequest, SamplingParams
+
+    model_dir = models_dir / DEFAULT_MODEL_ID
+    engine = Engine.from_settings(model_dir, load_settings(), model_id=DEFAULT_MODEL_ID)
+    tok = ModelTokenizer.from_dir(model_dir)
+    rows = []
+    for i in range(requests + 1):  # the first one warms up
+        body = chat(i, max_tokens)
+        start = time.perf_counter()
+        prompt_ids = tok.chat_prompt_ids(body["messages"])
+        req = GenerationRequest(id=f"local-{i}", model=DEFAULT_MODEL_ID, prompt_ids=prompt_ids,
+                                params=SamplingParams(max_tokens=max_tokens, temperature=0), created=time.time())
+        engine.add_request(req)
+        first = None
+        timings = None
+        while timings is None:
+            for _rid, ev in engine.step():
+                if first is None and ev["type"] == "delta" and ev.get("text"):
+                    first = time.perf_counter() - start
+                elif ev["type"] == "done":
+                    timings = ev["timings"]
+        if i and first is not None:
+            rows.append((timings["ttft_s"] - timings["queue_s"], first))
+    return rows
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def run_in_process(
     from shared.tokenizer import ModelTokenizer
     from shared.wire import GenerationRequest, SamplingParams
 
-    settings = load_settings(max_batch_size=max(concurrency, 1))
+    settings = load_settings()  # the served worker's settings: the hop is the only difference between the two runs
     engine = Engine.from_settings(model_dir, settings, model_id=model)
     tok = ModelTokenizer.from_dir(model_dir)
     pending = list(range(n))

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import errors
 from gateway.api_keys import ApiKey
@@ -24,6 +26,8 @@ from gateway.stream_meta import RequestMeta
 from shared.settings import Settings
 from shared.tokenizer import ChatTemplateError
 from shared.wire import GenerationRequest
+
+INLINE_TOKENIZE_CHARS = 4096  # up to here tokenizing takes well under a millisecond
 
 
 @dataclass
@@ -98,10 +102,7 @@ async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key
 
 def check_request_size(parsed: ParsedRequest, settings: Settings) -> None:
     """Limits checked before any tokenizing: the prompt's characters and each stop string's length."""
-    if isinstance(parsed.prompt, str):
-        chars = len(parsed.prompt)
-    else:
-        chars = sum(len(m.get("content") or "") for m in parsed.messages or [])
+    chars = prompt_chars(parsed)
     if chars > settings.max_prompt_chars:
         param = _prompt_param(parsed)
         raise errors.invalid(
@@ -159,19 +160,33 @@ async def prompt_token_ids(parsed: ParsedRequest, state: GatewayState) -> list[i
         return parsed.prompt
     tokenizer = await state.model_files.tokenizer(parsed.model)
     check_vocabulary(parsed, tokenizer.vocab_size)
+    # A short prompt is tokenized in place: the hand-off to a thread would cost more than the work, on the first
+    # token's path. Long ones go to a thread so one large prompt cannot stall every other stream.
+    inline = prompt_chars(parsed) <= INLINE_TOKENIZE_CHARS
     if parsed.endpoint == CHAT:
         try:
-            ids = await asyncio.to_thread(tokenizer.chat_prompt_ids, parsed.messages, parsed.chat_template)
+            ids = await _call(inline, tokenizer.chat_prompt_ids, parsed.messages, parsed.chat_template)
         except ChatTemplateError as exc:  # the template's raise_exception(), or the model has no template
             raise errors.invalid(str(exc), "messages") from exc
         param = "messages"
     else:
-        ids = await asyncio.to_thread(tokenizer.encode, parsed.prompt, add_special_tokens=parsed.add_special_tokens)
+        ids = await _call(inline, tokenizer.encode, parsed.prompt, add_special_tokens=parsed.add_special_tokens)
         param = "prompt"
     ids = list(ids)
     if not ids:
         raise errors.invalid(f"'{param}' encodes to zero tokens; there is nothing to continue from.", param)
     return ids
+
+
+async def _call(inline: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs) if inline else await asyncio.to_thread(fn, *args, **kwargs)
+
+
+def prompt_chars(parsed: ParsedRequest) -> int:
+    """The prompt's size in characters (messages: their text contents summed)."""
+    if isinstance(parsed.prompt, str):
+        return len(parsed.prompt)
+    return sum(len(m.get("content") or "") for m in parsed.messages or [])
 
 
 def check_vocabulary(parsed: ParsedRequest, vocab_size: int) -> None:

@@ -137,7 +137,10 @@ async def _end_open_streams(app: web.Application) -> None:
 
 
 async def _close_redis(app: web.Application) -> None:
-    await app[STATE].redis.aclose()
+    state = app[STATE]
+    if state.tasks:  # the last bookkeeping still needs Redis
+        await asyncio.gather(*state.tasks, return_exceptions=True)
+    await state.redis.aclose()
 
 
 async def start(settings: Settings) -> web.AppRunner:

@@ -95,7 +95,8 @@ class InFlight:
     async def _account(self, ev: OutputEvent) -> None:
         if ev.entry_id is not None and not self.started:
             self.started = True
-            await self._leave_queue(started=True)
+            # off the first token's path: the ledger may learn of the start a moment after the client does
+            self.state.background(_quietly(self._leave_queue(started=True), "release the queue place of", self.id))
         if ev.type == wire.EVENT_DELTA:
             self.completion_seen += len(ev.event.get("token_ids") or ())
         if not ev.terminal:

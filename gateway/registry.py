@@ -2,11 +2,14 @@
 
 A worker refreshes its hash (with a TTL) every few seconds; it counts as live while its ``heartbeat`` field is newer
 than ``settings.worker_stale_seconds``. A model is served iff at least one live worker names it. The scan result is
-cached for a fraction of a second so a burst of requests costs one SCAN, not one each.
+cached for a fraction of a second so a burst of requests costs one SCAN, not one each; past that, a non-empty result
+is still served for a little longer while one background scan refreshes it, so no request waits for the SCAN in
+steady traffic. "Nobody serves this model" is never answered from a stale list: it is checked afresh.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -56,18 +59,37 @@ class WorkerInfo:
 
 
 class WorkerRegistry:
-    def __init__(self, redis: aioredis.Redis, stale_seconds: float, cache_seconds: float = 0.5) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, stale_seconds: float, cache_seconds: float = 0.5, serve_stale_seconds: float = 2.0
+    ) -> None:
         self.redis = redis
         self.stale_seconds = stale_seconds
         self.cache_seconds = cache_seconds
+        self.serve_stale_seconds = max(cache_seconds, serve_stale_seconds)
         self._cached: list[WorkerInfo] = []
         self._cached_at = -float("inf")
+        self._refreshing: asyncio.Task[list[WorkerInfo]] | None = None
 
     async def live_workers(self) -> list[WorkerInfo]:
         """Every worker with a fresh heartbeat, sorted by model then id. Raises redis errors to the caller."""
-        now = time.monotonic()
-        if now - self._cached_at < self.cache_seconds:
+        age = time.monotonic() - self._cached_at
+        if age < self.cache_seconds:
             return self._cached
+        if self._cached and age < self.serve_stale_seconds:
+            if self._refreshing is None or self._refreshing.done():
+                self._refreshing = asyncio.create_task(self._refresh_quietly())
+            return self._cached
+        return await self._scan()
+
+    async def _refresh_quietly(self) -> list[WorkerInfo]:
+        try:
+            return await self._scan()
+        except Exception as exc:  # the next caller past serve_stale_seconds scans itself and sees the error
+            log.warning("refreshing the worker list failed: %s", exc)
+            return self._cached
+
+    async def _scan(self) -> list[WorkerInfo]:
+        now = time.monotonic()
         keys = [key async for key in self.redis.scan_iter(match=names.WORKER_KEY_PATTERN, count=SCAN_BATCH)]
         pipe = self.redis.pipeline(transaction=False)
         for key in keys:
@@ -90,7 +112,10 @@ class WorkerRegistry:
         return workers
 
     async def workers_for(self, model: str) -> list[WorkerInfo]:
-        return [w for w in await self.live_workers() if w.model == model]
+        found = [w for w in await self.live_workers() if w.model == model]
+        if not found and time.monotonic() - self._cached_at >= self.cache_seconds:
+            found = [w for w in await self._scan() if w.model == model]  # "nobody serves it" is never stale
+        return found
 
     async def models(self) -> dict[str, list[WorkerInfo]]:
         """Served model id -> its live workers."""

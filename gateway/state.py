@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -33,6 +36,14 @@ class GatewayState:
     detached: DetachedStreams
     # open websockets, so shutdown can close them (each then cancels the requests still running on it)
     websockets: weakref.WeakSet[web.WebSocketResponse] = field(default_factory=weakref.WeakSet)
+    # bookkeeping that must not delay a response (held here so it is not garbage-collected, awaited at cleanup)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def background(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run ``work`` without waiting for it; it must handle its own errors."""
+        task = asyncio.create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
 
 STATE = web.AppKey("gateway_state", GatewayState)

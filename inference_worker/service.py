@@ -1,6 +1,7 @@
 """The inference worker's Redis side: pull requests when there is room, publish events, watch cancels, heartbeat.
 
-One asyncio task per concern; the engine runs in its own thread (EngineLoop) so the model never waits on Redis.
+One asyncio task per concern; the engine runs in its own thread (EngineLoop) so the model never waits on Redis, and
+its events leave through a thread of their own (EventPublisher) so relaying tokens never waits on the event loop.
 Entries are acknowledged only after the final event of their request is written (ARCHITECTURE.md).
 """
 
@@ -20,6 +21,7 @@ from redis.exceptions import ResponseError
 
 from inference_worker.engine import Engine, EngineLoop
 from inference_worker.metrics import ServiceMetrics
+from inference_worker.publisher import EventPublisher, publisher_client
 from shared import names, wire
 from shared.redis_streams import ensure_group, entry, payload
 from shared.settings import Settings
@@ -28,7 +30,6 @@ log = logging.getLogger("inference_worker.service")
 
 INTAKE_BLOCK_MS = 500
 CANCEL_POLL_S = 0.05
-PUBLISH_RETRY_S = 5.0  # events that cannot reach Redis for this long are dropped and their requests aborted
 
 
 @dataclass
@@ -55,7 +56,6 @@ class WorkerService:
         self.metrics = metrics or ServiceMetrics(CollectorRegistry(), model_id, self.stream)
         self.redis: aioredis.Redis = aioredis.from_url(settings.redis_url)
         self.active: dict[str, ActiveRequest] = {}
-        self.events: asyncio.Queue[list[tuple[str, dict]]] = asyncio.Queue()
         self.room = asyncio.Event()  # set whenever a request finishes: the intake may pull again
         self.stopping = asyncio.Event()
         self.started_at = time.time()
@@ -64,14 +64,21 @@ class WorkerService:
     async def run(self) -> None:
         await ensure_group(self.redis, self.stream, names.WORKER_GROUP)
         aio_loop = asyncio.get_running_loop()
-        engine_loop = EngineLoop(
-            self.engine, on_events=lambda evs: aio_loop.call_soon_threadsafe(self.events.put_nowait, evs)
+        publisher = EventPublisher(
+            publisher_client(self.settings.redis_url),
+            self.stream,
+            self.settings.output_ttl_seconds,
+            entry_of=self._entry_of,
+            on_finished=lambda ids: aio_loop.call_soon_threadsafe(self._finished, ids),
+            on_lost=lambda ids: aio_loop.call_soon_threadsafe(self._lost, ids),
         )
+        publisher.start()
+        engine_loop = EngineLoop(self.engine, on_events=publisher.submit)
         engine_loop.start()
         await self._heartbeat_once()
         log.info("worker %s serving %s from %s", self.worker_id, self.model_id, self.stream)
-        tasks = [asyncio.create_task(c) for c in (self._intake(), self._publish(), self._watch_cancels(),
-                                                   self._heartbeat(), self._reclaim())]
+        tasks = [asyncio.create_task(c) for c in (self._intake(), self._watch_cancels(), self._heartbeat(),
+                                                   self._reclaim())]
         try:
             await self.stopping.wait()
             await self._drain()
@@ -80,6 +87,8 @@ class WorkerService:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             engine_loop.stop()
+            await asyncio.to_thread(publisher.stop)  # what the last steps said still reaches the clients
+            publisher.client.close()
             await self.redis.delete(names.worker_key(self.worker_id))
             await self.redis.aclose()
 
@@ -201,51 +210,23 @@ class WorkerService:
         self.metrics.dead_letters.inc()
         log.error("dead-lettered request %s after %d deliveries", request_id, deliveries)
 
-    async def _publish(self) -> None:
-        while True:
-            batch = await self.events.get()
-            while not self.events.empty():  # coalesce whatever else is ready into one round trip
-                batch.extend(self.events.get_nowait())
-            deadline = time.monotonic() + PUBLISH_RETRY_S
-            while True:
-                try:
-                    await self._write_events(batch)
-                    break
-                except aioredis.ConnectionError as exc:
-                    if time.monotonic() > deadline:
-                        # The gateway has already ended these streams with an error; stop spending compute.
-                        lost = {request_id for request_id, _ in batch}
-                        log.error("redis unreachable for %.0f s (%s): aborting %d requests", PUBLISH_RETRY_S, exc,
-                                  len(lost))
-                        for request_id in lost:
-                            self.active.pop(request_id, None)
-                            self.engine.abort(request_id)
-                        self.room.set()
-                        break
-                    await asyncio.sleep(0.2)
+    def _entry_of(self, request_id: str) -> bytes | None:
+        """The requests-stream entry of a request this worker holds (read from the publisher's thread)."""
+        active = self.active.get(request_id)
+        return None if active is None else active.entry_id
 
-    async def _write_events(self, batch: list[tuple[str, dict]]) -> None:
-        ttl = self.settings.output_ttl_seconds
-        pipe = self.redis.pipeline(transaction=False)
-        finished: list[str] = []
-        for request_id, event in batch:
-            if request_id not in self.active and event["type"] not in wire.TERMINAL_EVENTS:
-                continue  # a request we gave up on (see _publish)
-            stream = names.output_stream(request_id)
-            pipe.xadd(stream, entry(event))
-            if event["type"] in wire.TERMINAL_EVENTS:
-                pipe.expire(stream, ttl)
-                finished.append(request_id)
-        for request_id in finished:
-            active = self.active.get(request_id)
-            if active is not None:
-                pipe.xack(self.stream, names.WORKER_GROUP, active.entry_id)
-            pipe.delete(names.cancel_key(request_id))
-        await pipe.execute()
-        for request_id in finished:
+    def _finished(self, request_ids: list[str]) -> None:
+        """Their final events are written and their entries acked: their slots are free."""
+        for request_id in request_ids:
             self.active.pop(request_id, None)
-        if finished:
-            self.room.set()
+        self.room.set()
+
+    def _lost(self, request_ids: set[str]) -> None:
+        """Their events could not reach Redis: stop computing them (the gateway has ended their streams)."""
+        for request_id in request_ids:
+            self.active.pop(request_id, None)
+            self.engine.abort(request_id)
+        self.room.set()
 
     async def _watch_cancels(self) -> None:
         while True:
