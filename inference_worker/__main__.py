@@ -6,16 +6,18 @@ import argparse
 import asyncio
 import signal
 import sys
+import threading
 import time
 
 from shared.logs import setup_logging
 from shared.settings import load_settings
 
 
-async def _run(model_id: str, settings, log) -> int:
+def serve(model_id: str, settings, log) -> int:
+    """Load the model, then step the engine on this (the main) thread while the Redis side runs on another."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from inference_worker.engine import Engine
+    from inference_worker.engine import Engine, EngineLoop
     from inference_worker.metrics import ServiceMetrics, module_bytes
     from inference_worker.service import WorkerService
     from shared import names
@@ -27,7 +29,7 @@ async def _run(model_id: str, settings, log) -> int:
         return 2
     registry = CollectorRegistry()
     t0 = time.monotonic()
-    engine = await asyncio.to_thread(Engine.from_settings, model_dir, settings, model_id=model_id, registry=registry)
+    engine = Engine.from_settings(model_dir, settings, model_id=model_id, registry=registry)
     load_seconds = time.monotonic() - t0
     log.info("loaded %s on %s in %.1f s", model_id, engine.device, load_seconds)
     port = settings.worker_metrics_port or free_port()
@@ -39,11 +41,25 @@ async def _run(model_id: str, settings, log) -> int:
     metrics.weights_bytes.set(module_bytes(engine.model))
     metrics.kv_cache_bytes.set(engine.cache.nbytes)
     service = WorkerService(engine, settings, model_id, metrics=metrics, metrics_port=port)
-    loop = asyncio.get_running_loop()
+    engine_loop = EngineLoop(engine, on_events=service.publisher.submit)
+    failed = threading.Event()
+
+    def redis_side() -> None:
+        try:
+            asyncio.run(service.run(engine_loop))
+        except BaseException:
+            log.exception("the worker's service loop failed")
+            failed.set()
+        finally:
+            engine_loop.stop()  # ends engine_loop.run() below
+
+    io = threading.Thread(target=redis_side, name="worker-io")
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, service.stop)
-    await service.run()
-    return 0
+        signal.signal(sig, lambda *_: service.stop())
+    io.start()
+    engine_loop.run()
+    io.join()
+    return 1 if failed.is_set() else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.redis_url:
         log.error("TRELLIS_REDIS_URL is not set (trellis up sets it; or point it at your Redis)")
         return 2
-    return asyncio.run(_run(args.model or settings.default_model, settings, log))
+    return serve(args.model or settings.default_model, settings, log)
 
 
 if __name__ == "__main__":

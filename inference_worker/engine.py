@@ -825,13 +825,19 @@ class EngineLoop:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        """Step on a thread of its own."""
         if self._thread is not None:
             raise RuntimeError("EngineLoop already started")
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
+    def run(self) -> None:
+        """Step on the calling thread until ``stop()`` (the worker's main thread: on CPU, torch's OpenMP ops ran a
+        third slower on a secondary thread than on the main one)."""
+        self._run()
+
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Finish the current step, then end the thread."""
+        """Finish the current step, then end the loop (and wait for its thread, if it has one)."""
         self._stopping.set()
         self.engine.wake()
         if self._thread is not None:

@@ -1,7 +1,8 @@
 """The inference worker's Redis side: pull requests when there is room, publish events, watch cancels, heartbeat.
 
-One asyncio task per concern; the engine runs in its own thread (EngineLoop) so the model never waits on Redis, and
-its events leave through a thread of their own (EventPublisher) so relaying tokens never waits on the event loop.
+One asyncio task per concern. The engine steps on another thread (EngineLoop: the process's main thread when run by
+``python -m inference_worker``) so the model never waits on Redis, and its events leave through a thread of their own
+(EventPublisher) so relaying tokens never waits on the event loop.
 Entries are acknowledged only after the final event of their request is written (ARCHITECTURE.md).
 """
 
@@ -13,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -59,22 +61,30 @@ class WorkerService:
         self.room = asyncio.Event()  # set whenever a request finishes: the intake may pull again
         self.stopping = asyncio.Event()
         self.started_at = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = False
+        self.publisher = EventPublisher(
+            publisher_client(settings.redis_url),
+            self.stream,
+            settings.output_ttl_seconds,
+            entry_of=self._entry_of,
+            on_finished=lambda ids: self._in_loop(self._finished, ids),
+            on_lost=lambda ids: self._in_loop(self._lost, ids),
+        )
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, engine_loop: EngineLoop | None = None) -> None:
+        """Serve until ``stop()``. The engine steps in ``engine_loop``, which the caller runs (and stops after this
+        returns) with ``self.publisher.submit`` as its event sink; without one, the service runs its own thread."""
+        self._loop = asyncio.get_running_loop()
+        if self._stop_requested:
+            self.stopping.set()
         await ensure_group(self.redis, self.stream, names.WORKER_GROUP)
-        aio_loop = asyncio.get_running_loop()
-        publisher = EventPublisher(
-            publisher_client(self.settings.redis_url),
-            self.stream,
-            self.settings.output_ttl_seconds,
-            entry_of=self._entry_of,
-            on_finished=lambda ids: aio_loop.call_soon_threadsafe(self._finished, ids),
-            on_lost=lambda ids: aio_loop.call_soon_threadsafe(self._lost, ids),
-        )
-        publisher.start()
-        engine_loop = EngineLoop(self.engine, on_events=publisher.submit)
-        engine_loop.start()
+        self.publisher.start()
+        own_loop = engine_loop is None
+        if own_loop:
+            engine_loop = EngineLoop(self.engine, on_events=self.publisher.submit)
+            engine_loop.start()
         await self._heartbeat_once()
         log.info("worker %s serving %s from %s", self.worker_id, self.model_id, self.stream)
         tasks = [asyncio.create_task(c) for c in (self._intake(), self._watch_cancels(), self._heartbeat(),
@@ -86,14 +96,26 @@ class WorkerService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            engine_loop.stop()
-            await asyncio.to_thread(publisher.stop)  # what the last steps said still reaches the clients
-            publisher.client.close()
+            if own_loop:
+                engine_loop.stop()
+            await asyncio.to_thread(self.publisher.stop)  # what the last steps said still reaches the clients
+            self.publisher.client.close()
             await self.redis.delete(names.worker_key(self.worker_id))
             await self.redis.aclose()
 
     def stop(self) -> None:
-        self.stopping.set()
+        """Begin a graceful stop (any thread, e.g. a signal handler on the main thread)."""
+        self._stop_requested = True
+        self._in_loop(self.stopping.set)
+
+    def _in_loop(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn`` on the service's event loop, from any thread (dropped before the loop has started)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # closed in between: the service has ended, nothing is waiting for this
+                pass
 
     async def _drain(self, timeout: float = 30.0) -> None:
         """Graceful stop: take no new work, let the requests we hold finish (or leave them pending for others)."""
