@@ -20,6 +20,7 @@ from gateway import errors
 from gateway.api_keys import ApiKey
 from gateway.key_limits import QuotaHold
 from gateway.openai_api import CHAT, ParsedRequest
+from gateway.queue_budget import queue_cost
 from gateway.registry import WorkerInfo, context_length
 from gateway.state import GatewayState
 from gateway.stream_meta import RequestMeta
@@ -48,8 +49,9 @@ def new_request_id(endpoint: str) -> str:
 
 
 async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key: ApiKey | None) -> Admitted:
-    """Resolve the model, build the wire request and reserve its quota and queue place; raises ApiError (429, 400,
-    404, 503) when it cannot run. The caller must hand the result to ``InFlight``, which releases what it holds."""
+    """Resolve the model, build the wire request and reserve its key's quota; raises ApiError (429, 400, 404, 503)
+    when it cannot run. The caller must hand the result to ``InFlight``, which takes the queue place (429 when the
+    queue is full) as it enqueues, and releases what it holds."""
     if key is not None:
         await state.limits.count_request(key)
     check_request_size(parsed, state.settings)
@@ -75,13 +77,7 @@ async def admit(parsed: ParsedRequest, state: GatewayState, received: float, key
         created=created,
         deadline=queue_deadline,  # a worker that picks it up later drops it unstarted (error "queue_timeout")
     )
-    cost = len(prompt_ids) + params.n * params.max_tokens
-    hold = await state.limits.reserve_tokens(key, cost) if key is not None else QuotaHold("", 0)
-    try:
-        await state.queue.reserve(parsed.model, request.id, cost, queue_deadline)
-    except BaseException:
-        await state.limits.refund(hold)
-        raise
+    hold = await state.limits.reserve_tokens(key, queue_cost(request)) if key is not None else QuotaHold("", 0)
     meta = RequestMeta(
         request_id=request.id,
         endpoint=parsed.endpoint,

@@ -4,8 +4,9 @@
         async for ev in flight.events():
             ...
 
-- Its place in the model's queue ledger is given back when the first event arrives (the request started) or when
-  the relay loop ends, whichever comes first.
+- Entering takes its place in the model's queue ledger and enqueues it, in one round trip (429 when the queue is
+  full). The place is given back when the first event arrives (the request started) or when the relay loop ends,
+  whichever comes first.
 - Its token quota is settled once, by whichever gateway sees the end: the usage of ``done``, what was seen of a
   failed request, nothing for one dropped from the queue.
 - A loop that ends before the request did (client gone, gateway stopping, a bug) cancels the request, or, for a
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Awaitable
 from redis.exceptions import RedisError
 
 from gateway.key_limits import QuotaHold
+from gateway.queue_budget import queue_cost
 from gateway.relay import OutputEvent
 from gateway.state import GatewayState
 from gateway.stream_meta import RequestMeta
@@ -60,7 +62,14 @@ class InFlight:
     async def __aenter__(self) -> InFlight:
         if self.request is not None:
             try:
-                self.entry_id = await self.state.relay.enqueue(self.request, self.meta)
+                # the queue ledger's place and the stream entry in one round trip; 429 (nothing enqueued) when full
+                self.entry_id = await self.state.queue.reserve_and_enqueue(
+                    self.meta.model,
+                    self.id,
+                    queue_cost(self.request),
+                    self.meta.queue_deadline,
+                    self.state.relay.enqueue_call(self.request, self.meta),
+                )
             except BaseException:
                 await _quietly(self._leave_queue(started=False), "release the queue place of", self.id)
                 hold = QuotaHold(self.meta.quota_key, self.meta.reserved_tokens)

@@ -1,8 +1,9 @@
 """Admission control per model: how many requests, and how many tokens, may wait for a worker at once.
 
 A shared ledger in Redis (``gw:queue:{model}*``, see shared/names.py) holds each admitted-but-not-started request's
-cost (prompt + n * max_tokens). ``reserve`` checks the limits and adds the request in one Lua script, so gateways
-racing for the last slot cannot both win. A request leaves the ledger when its first event arrives (it started:
+cost (prompt + n * max_tokens). ``reserve_and_enqueue`` checks the limits, adds the request and XADDs it to
+``requests:{model}`` in one Lua script (one round trip on the first token's path), so gateways racing for the last
+slot cannot both win. A request leaves the ledger when its first event arrives (it started:
 that is the *drain*), or when it ends without starting. An entry whose gateway died leaves at its queue deadline.
 
 Past a limit the client gets 429 with a Retry-After from the observed drain rate: how long until enough requests
@@ -19,36 +20,54 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from gateway import errors
+from gateway.relay import ENQUEUE_LUA, entry_id_text
 from shared import names
+from shared.wire import GenerationRequest
 
 MAX_RETRY_AFTER_SECONDS = 600.0
 
-# KEYS: costs hash, deadlines zset, stats hash. ARGV: request id, cost, queue deadline, max requests, max tokens.
-# Returns {admitted, waiting requests, waiting tokens, drained requests, drained tokens} (before this request).
-_RESERVE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 100)) do
-  local c = redis.call('HGET', KEYS[1], id)
-  if c then
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('HINCRBY', KEYS[3], 'tokens', -tonumber(c))
+# reserve(costs hash, deadlines zset, stats hash, request id, cost, queue deadline, max requests, max tokens) returns
+# {admitted, waiting requests, waiting tokens, drained requests, drained tokens} (before this request).
+_RESERVE_LUA = """
+local function reserve(costs, deadlines, stats_key, id, cost, deadline, max_requests, max_tokens)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
+  for _, old in ipairs(redis.call('ZRANGEBYSCORE', deadlines, '-inf', now, 'LIMIT', 0, 100)) do
+    local c = redis.call('HGET', costs, old)
+    if c then
+      redis.call('HDEL', costs, old)
+      redis.call('HINCRBY', stats_key, 'tokens', -tonumber(c))
+    end
+    redis.call('ZREM', deadlines, old)
   end
-  redis.call('ZREM', KEYS[2], id)
+  local count = redis.call('HLEN', costs)
+  local stats = redis.call('HMGET', stats_key, 'tokens', 'drained', 'drained_tokens')
+  local tokens = tonumber(stats[1] or '0')
+  local result = {0, count, tokens, tonumber(stats[2] or '0'), tonumber(stats[3] or '0')}
+  if count >= max_requests then return result end
+  if count > 0 and tokens + cost > max_tokens then return result end
+  redis.call('HSET', costs, id, cost)
+  redis.call('ZADD', deadlines, deadline, id)
+  redis.call('HINCRBY', stats_key, 'tokens', cost)
+  result[1] = 1
+  return result
 end
-local count = redis.call('HLEN', KEYS[1])
-local stats = redis.call('HMGET', KEYS[3], 'tokens', 'drained', 'drained_tokens')
-local tokens = tonumber(stats[1] or '0')
-local cost = tonumber(ARGV[2])
-local result = {0, count, tokens, tonumber(stats[2] or '0'), tonumber(stats[3] or '0')}
-if count >= tonumber(ARGV[4]) then return result end
-if count > 0 and tokens + cost > tonumber(ARGV[5]) then return result end
-redis.call('HSET', KEYS[1], ARGV[1], cost)
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'tokens', cost)
-result[1] = 1
-return result
 """
+
+# KEYS: costs hash, deadlines zset, stats hash, requests stream, meta hash. ARGV: request id, cost, queue deadline,
+# max requests, max tokens, then relay.ENQUEUE_LUA's arguments. One round trip admits the request: the ledger entry
+# and, only if it fits, the stream entry (its id becomes the sixth result).
+_RESERVE_AND_ENQUEUE = (
+    _RESERVE_LUA
+    + ENQUEUE_LUA
+    + """
+local r = reserve(KEYS[1], KEYS[2], KEYS[3], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))
+if r[1] == 1 then
+  r[6] = enqueue(KEYS[4], KEYS[5], ARGV, 6)
+end
+return r
+"""
+)
 
 # KEYS: costs hash, deadlines zset, stats hash. ARGV: request id, 1 if it started (counts as drained).
 _RELEASE = """
@@ -120,17 +139,23 @@ class QueueBudget:
         self.max_tokens = max_tokens
         self.fallback_retry_after = fallback_retry_after
         self.drain = DrainRate()
-        self._reserve = redis.register_script(_RESERVE)
+        self._reserve_and_enqueue = redis.register_script(_RESERVE_AND_ENQUEUE)
         self._release = redis.register_script(_RELEASE)
 
-    async def reserve(self, model: str, request_id: str, cost: int, queue_deadline: float) -> None:
-        """Add the request to the model's queue ledger; 429 with Retry-After when the queue is full."""
-        admitted, waiting, tokens, drained, drained_tokens = await self._reserve(
-            keys=_keys(model), args=[request_id, cost, queue_deadline, self.max_requests, self.max_tokens]
+    async def reserve_and_enqueue(
+        self, model: str, request_id: str, cost: int, queue_deadline: float, enqueue: tuple[list, list]
+    ) -> str:
+        """Add the request to the model's queue ledger and, in the same script, XADD it (``enqueue``: the KEYS and
+        ARGV of ``Relay.enqueue_call``); returns its entry id. 429 with Retry-After when the queue is full, and then
+        nothing was enqueued."""
+        enqueue_keys, enqueue_args = enqueue
+        admitted, waiting, tokens, drained, drained_tokens, *entry = await self._reserve_and_enqueue(
+            keys=[*_keys(model), *enqueue_keys],
+            args=[request_id, cost, queue_deadline, self.max_requests, self.max_tokens, *enqueue_args],
         )
         self.drain.observe(model, int(drained), int(drained_tokens))
         if admitted:
-            return
+            return entry_id_text(entry[0])
         state = QueueState(int(waiting), int(tokens), int(drained), int(drained_tokens))
         wait = retry_after_seconds(
             state, cost, self.max_requests, self.max_tokens, self.drain.rates(model), self.fallback_retry_after
@@ -159,6 +184,11 @@ class QueueBudget:
         waiting, stats = await pipe.execute()
         tokens, drained, drained_tokens = (int(v or 0) for v in stats)
         return QueueState(int(waiting), tokens, drained, drained_tokens)
+
+
+def queue_cost(request: GenerationRequest) -> int:
+    """What a request holds in the ledger while it waits: its prompt and every token it may generate."""
+    return len(request.prompt_ids) + request.params.n * request.params.max_tokens
 
 
 def _keys(model: str) -> list[str]:

@@ -28,16 +28,20 @@ log = logging.getLogger("gateway.relay")
 READ_BATCH = 256  # entries per XREAD: a burst of deltas costs one round trip
 META_SLACK_SECONDS = 3600  # meta outlives the queue wait by this much while the request runs (refreshed at the end)
 
-# KEYS: requests stream, meta hash. ARGV: maxlen, payload field, payload, meta ttl, then meta field/value pairs.
-# The XADD and the meta (with the new entry id) land together, so a resuming gateway never sees one without the other.
-_ENQUEUE = """
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', ARGV[2], ARGV[3])
-if #ARGV > 4 then
-  redis.call('HSET', KEYS[2], 'entry_id', id, unpack(ARGV, 5))
-  redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
+# enqueue(stream, meta key, args, at): args[at..] = maxlen, payload field, payload, meta ttl, then meta field/value
+# pairs. The XADD and the meta (with the new entry id) land together, so a resuming gateway never sees one without the
+# other. A Lua function so the queue ledger can run it in the same script as its reservation (gateway/queue_budget.py).
+ENQUEUE_LUA = """
+local function enqueue(stream, meta, args, at)
+  local id = redis.call('XADD', stream, 'MAXLEN', '~', args[at], '*', args[at + 1], args[at + 2])
+  if #args > at + 3 then
+    redis.call('HSET', meta, 'entry_id', id, unpack(args, at + 4))
+    redis.call('EXPIRE', meta, tonumber(args[at + 3]))
+  end
+  return id
 end
-return id
 """
+_ENQUEUE = ENQUEUE_LUA + "return enqueue(KEYS[1], KEYS[2], ARGV, 1)\n"
 
 # KEYS: requests stream, cancel key, output stream. ARGV: entry id, group, cancel ttl.
 # Deletes the entry if no worker has been handed it yet (then it can never run); sets the cancel key either way.
@@ -104,21 +108,22 @@ class Relay:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._withdraw = redis.register_script(_WITHDRAW)
 
-    async def enqueue(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> str:
-        """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length), together with
-        its meta; returns the entry id."""
-        body = request.to_dict()
+    def enqueue_call(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> tuple[list, list]:
+        """KEYS and ARGV of ``ENQUEUE_LUA``'s ``enqueue`` for this request (for this module's script or another's)."""
         meta_args: list[str] = []
         ttl = META_SLACK_SECONDS
         if meta is not None:
             if meta.queue_deadline:
                 ttl += max(0, int(meta.queue_deadline - time.time()))
             meta_args = [part for item in meta.to_hash().items() for part in item]
-        entry_id = await self._enqueue(
-            keys=[names.requests_stream(request.model), names.request_meta(request.id)],
-            args=[self.stream_maxlen, names.PAYLOAD_FIELD, wire.pack(body), ttl, *meta_args],
-        )
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        keys = [names.requests_stream(request.model), names.request_meta(request.id)]
+        return keys, [self.stream_maxlen, names.PAYLOAD_FIELD, wire.pack(request.to_dict()), ttl, *meta_args]
+
+    async def enqueue(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> str:
+        """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length), together with
+        its meta; returns the entry id."""
+        keys, args = self.enqueue_call(request, meta)
+        return entry_id_text(await self._enqueue(keys=keys, args=args))
 
     async def withdraw(self, model: str, request_id: str, entry_id: str) -> bool | None:
         """Make sure a late request never runs: delete its queue entry if undelivered (True), else cancel it (False).
@@ -185,6 +190,10 @@ class Relay:
                     yield _gateway_error(request_id, "worker_lost", f"every worker of model '{model}' went away")
                     return
             yield None
+
+
+def entry_id_text(entry_id: bytes | str) -> str:
+    return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 
 def _gateway_error(request_id: str, code: str, message: str) -> OutputEvent:

@@ -1,12 +1,13 @@
 """The engine's events go to Redis from a thread of their own, through a synchronous client.
 
 Why not the worker's asyncio loop: every step's events would cross into it (``call_soon_threadsafe``, a self-pipe
-wake-up, task switches, redis.asyncio's futures), and all of that is Python holding the GIL the engine thread needs
-to launch its next step; on a GPU host that added ~0.6 ms to every 3 ms decode step and ~3 ms to the first token.
-This thread sleeps on a queue or in the socket (both release the GIL) and writes one pipeline per batch of steps.
+wake-up, task switches, redis.asyncio's futures), and all of that is Python holding the GIL the engine needs to
+launch its next step. On the H200 host, moving events here took the served stream from ITL x1.16 and TTFT +16 ms
+over the engine in-process to x1.08 and +5.5 ms (BENCHMARKS.md). This thread sleeps on a queue or in the socket
+(both release the GIL) and writes one pipeline per batch of steps.
 
 A step that carries a request's first event is written by the engine's own thread when nothing is queued: the hand-off
-to this thread costs about half a millisecond of time to first token on an H200 host, one round trip costs ~50 us.
+to this thread measured about half a millisecond of time to first token there, one round trip ~50 us.
 """
 
 from __future__ import annotations

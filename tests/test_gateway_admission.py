@@ -74,6 +74,7 @@ async def test_a_full_queue_is_429_with_retry_after_and_the_limit_named(settings
         assert resp.status == 429
         assert resp.headers["Retry-After"] == "7"  # nothing has drained yet: the configured fallback
         assert "2 requests are waiting" in assert_error(await resp.json(), "queue_full")["message"]
+        assert await redis.xlen(names.requests_stream(MODEL)) == 2  # the rejected one never reached the stream
         for task in waiting:
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)

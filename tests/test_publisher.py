@@ -107,3 +107,17 @@ def test_events_that_cannot_reach_redis_abort_their_requests() -> None:
     assert rec.called.wait(10)
     pub.stop()
     assert rec.lost == {"r4"} and rec.finished == []
+
+
+def test_a_requests_first_event_is_written_at_once_and_later_ones_by_the_thread(client: redis.Redis) -> None:
+    rec = Recorder()
+    pub = publisher(client, {"r5": b"0-1", "r6": b"0-2"}, rec)  # not started: only inline writes happen
+    pub.submit([("r5", delta("a"))])
+    assert client.xlen(names.output_stream("r5")) == 1  # the first token does not wait for the thread
+    pub.submit([("r5", delta("b"))])
+    pub.submit([("r6", delta("c"))])  # a new request, but something is queued: it queues behind it (order)
+    assert client.xlen(names.output_stream("r5")) == 1 and client.xlen(names.output_stream("r6")) == 0
+    pub.start()
+    pub.stop()
+    assert [payload(f)["text"] for _, f in client.xrange(names.output_stream("r5"))] == ["a", "b"]
+    assert client.xlen(names.output_stream("r6")) == 1
