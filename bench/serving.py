@@ -127,15 +127,16 @@ async def run_http(base: str, model: str, n: int, max_tokens: int, concurrency: 
 
 
 def run_in_process(
-    model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int
+    model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int, max_batch_size: int
 ) -> tuple[list[Result], float]:
-    """The same requests fed straight into an Engine in this process (no gateway, no Redis)."""
+    """The same requests fed straight into an Engine in this process (no gateway, no Redis), configured as the
+    served worker is (``max_batch_size`` included)."""
     from inference_worker.engine import Engine
     from shared.settings import load_settings
     from shared.tokenizer import ModelTokenizer
     from shared.wire import GenerationRequest, SamplingParams
 
-    settings = load_settings()  # the served worker's settings: the hop is the only difference between the two runs
+    settings = load_settings(max_batch_size=max_batch_size)  # as the served worker: the hop is the only difference
     engine = Engine.from_settings(model_dir, settings, model_id=model)
     tok = ModelTokenizer.from_dir(model_dir)
     pending = list(range(n))
@@ -203,6 +204,7 @@ def main() -> int:
     if args.model == settings.default_model:
         ensure_default_model(models_dir)
     rows: list[dict] = []
+    max_batch = max(args.concurrency)  # the served worker's and the in-process engine's batch limit
 
     async def http_runs(base: str) -> None:
         await run_http(base, args.model, 2, 4, 2, None)  # warm-up
@@ -224,16 +226,17 @@ def main() -> int:
             redis_proc = start_redis_server(port, Path(tmp) / "redis")
             try:
                 with running_suite(f"redis://127.0.0.1:{port}/0", models_dir, args.model, Path(tmp),
-                                   TRELLIS_MAX_BATCH_SIZE=str(max(args.concurrency))) as base:
+                                   TRELLIS_MAX_BATCH_SIZE=str(max_batch)) as base:
                     asyncio.run(http_runs(base))
             finally:
                 redis_proc.terminate()
                 redis_proc.wait()
 
     if not args.no_in_process:
-        run_in_process(models_dir / args.model, args.model, 2, 4, 2)  # warm-up
+        run_in_process(models_dir / args.model, args.model, 2, 4, 2, max_batch)  # warm-up
         for c in args.concurrency:
-            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c)
+            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c,
+                                       max_batch)
             rows.append(summarize(f"in-process concurrency={c}", res, wall))
 
     print_table(rows)
