@@ -3,10 +3,14 @@
     python bench/serving.py                          # starts Redis + gateway + worker on the default model
     python bench/serving.py --base-url http://127.0.0.1:8000 --model ID   # against a running suite
     python bench/serving.py --concurrency 1 4 8 --rate 2 --requests 32 --max-tokens 64
+    python bench/serving.py --rounds 3      # alternate gateway and in-process runs; the hop is a median of rounds
 
 Reports TTFT, inter-token latency and end-to-end latency (p50/p90/p99), output tokens/s and errors for each load
 pattern, then the same requests driven straight into the engine in this process, so the cost of the gateway + Redis
-hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency).
+hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency). With
+``--rounds N`` the two alternate N times with the suite up throughout (so both see the same idle background
+processes) and the hop is reported per round and as the median over rounds: on a noisy host one pair of runs can
+differ by more than the hop itself.
 Loopback only; every loop is bounded in count and time.
 """
 
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -193,6 +198,7 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--rate", type=float, nargs="*", default=[2.0], help="requests/s for the fixed-rate runs")
     ap.add_argument("--no-in-process", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate gateway and in-process runs this many times")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     args = ap.parse_args()
 
@@ -206,17 +212,33 @@ def main() -> int:
     rows: list[dict] = []
     max_batch = max(args.concurrency)  # the served worker's and the in-process engine's batch limit
 
-    async def http_runs(base: str) -> None:
+    rounds = max(1, args.rounds)
+    in_process = not args.no_in_process
+
+    def tag(r: int) -> str:
+        return f" #{r + 1}" if rounds > 1 else ""
+
+    async def http_runs(base: str, r: int) -> None:
         await run_http(base, args.model, 2, 4, 2, None)  # warm-up
         for c in args.concurrency:
             res, wall = await run_http(base, args.model, args.requests, args.max_tokens, c, None)
-            rows.append(summarize(f"gateway concurrency={c}", res, wall))
-        for rate in args.rate or []:
+            rows.append(summarize(f"gateway concurrency={c}{tag(r)}", res, wall))
+        for rate in (args.rate or []) if r == 0 else []:
             res, wall = await run_http(base, args.model, args.requests, args.max_tokens, None, rate)
             rows.append(summarize(f"gateway rate={rate}/s", res, wall))
 
+    def in_process_runs(r: int) -> None:
+        run_in_process(models_dir / args.model, args.model, 2, 4, 2, max_batch)  # warm-up
+        for c in args.concurrency:
+            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c,
+                                       max_batch)
+            rows.append(summarize(f"in-process concurrency={c}{tag(r)}", res, wall))
+
     if args.base_url:
-        asyncio.run(http_runs(args.base_url))
+        for r in range(rounds):
+            asyncio.run(http_runs(args.base_url, r))
+            if in_process and rounds > 1:
+                in_process_runs(r)
     else:
         from shared.redis_server import free_port, start_redis_server
         from tests.suite import running_suite
@@ -227,27 +249,31 @@ def main() -> int:
             try:
                 with running_suite(f"redis://127.0.0.1:{port}/0", models_dir, args.model, Path(tmp),
                                    TRELLIS_MAX_BATCH_SIZE=str(max_batch)) as base:
-                    asyncio.run(http_runs(base))
+                    for r in range(rounds):
+                        asyncio.run(http_runs(base, r))
+                        if in_process and rounds > 1:
+                            in_process_runs(r)
             finally:
                 redis_proc.terminate()
                 redis_proc.wait()
-
-    if not args.no_in_process:
-        run_in_process(models_dir / args.model, args.model, 2, 4, 2, max_batch)  # warm-up
-        for c in args.concurrency:
-            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c,
-                                       max_batch)
-            rows.append(summarize(f"in-process concurrency={c}", res, wall))
+    if in_process and rounds == 1:
+        in_process_runs(0)  # one round: the suite is stopped first, so the engine has the machine to itself
 
     print_table(rows)
     by_name = {r["name"]: r for r in rows}
     for c in args.concurrency:
-        g, p = by_name.get(f"gateway concurrency={c}"), by_name.get(f"in-process concurrency={c}")
-        if g and p:
-            added_ttft = g["ttft_ms"][50] - p["ttft_ms"][50]
-            itl_ratio = g["itl_ms"][50] / p["itl_ms"][50]
-            print(f"hop cost at concurrency {c}: TTFT p50 +{added_ttft:.2f} ms, ITL p50 x{itl_ratio:.3f}, "
-                  f"tok/s x{g['output_tok_s'] / p['output_tok_s']:.3f}")
+        hops = []
+        for r in range(rounds):
+            g, p = by_name.get(f"gateway concurrency={c}{tag(r)}"), by_name.get(f"in-process concurrency={c}{tag(r)}")
+            if g and p:
+                hops.append((g["ttft_ms"][50] - p["ttft_ms"][50], g["itl_ms"][50] / p["itl_ms"][50],
+                             g["output_tok_s"] / p["output_tok_s"]))
+                print(f"hop cost at concurrency {c}{tag(r)}: TTFT p50 +{hops[-1][0]:.2f} ms, "
+                      f"ITL p50 x{hops[-1][1]:.3f}, tok/s x{hops[-1][2]:.3f}")
+        if len(hops) > 1:
+            ttft, itl, tok = (statistics.median(h[k] for h in hops) for k in range(3))
+            print(f"hop cost at concurrency {c}, median of {len(hops)} rounds: TTFT p50 +{ttft:.2f} ms, "
+                  f"ITL p50 x{itl:.3f}, tok/s x{tok:.3f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
