@@ -10,7 +10,9 @@ pattern, then the same requests driven straight into the engine in this process,
 hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency). With
 ``--rounds N`` the two alternate N times with the suite up throughout (so both see the same idle background
 processes) and the hop is reported per round and as the median over rounds: on a noisy host one pair of runs can
-differ by more than the hop itself.
+differ by more than the hop itself. Fixed-rate runs go through both sides too: above concurrency 1 a closed loop
+in-process adds each request exactly between steps, while one arriving through the gateway lands mid-step and
+waits for it, so the fixed-rate pair (both arriving mid-step) is the fair time-to-first-token comparison there.
 Loopback only; every loop is bounded in count and time.
 """
 
@@ -131,18 +133,22 @@ async def run_http(base: str, model: str, n: int, max_tokens: int, concurrency: 
         return list(results), time.perf_counter() - t0
 
 
-def run_in_process(
-    model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int, max_batch_size: int
-) -> tuple[list[Result], float]:
-    """The same requests fed straight into an Engine in this process (no gateway, no Redis), configured as the
-    served worker is (``max_batch_size`` included)."""
+def in_process_engine(model_dir: Path, model: str, max_batch_size: int):
+    """An Engine configured as the served worker is (``max_batch_size`` included): the hop is the only difference."""
     from inference_worker.engine import Engine
     from shared.settings import load_settings
+
+    return Engine.from_settings(model_dir, load_settings(max_batch_size=max_batch_size), model_id=model)
+
+
+def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int | None,
+                   rate: float | None = None) -> tuple[list[Result], float]:
+    """The same requests fed straight into ``engine`` in this process (no gateway, no Redis): ``concurrency`` at a
+    time, or one every 1/``rate`` seconds (then a request's clock starts when it is due, even while a step runs: it
+    waits for the step as a request arriving through the gateway does)."""
     from shared.tokenizer import ModelTokenizer
     from shared.wire import GenerationRequest, SamplingParams
 
-    settings = load_settings(max_batch_size=max_batch_size)  # as the served worker: the hop is the only difference
-    engine = Engine.from_settings(model_dir, settings, model_id=model)
     tok = ModelTokenizer.from_dir(model_dir)
     pending = list(range(n))
     start: dict[str, float] = {}
@@ -150,10 +156,19 @@ def run_in_process(
     results: dict[str, Result] = {}
     in_flight: set[str] = set()
     t0 = time.perf_counter()
+    def admissible() -> bool:
+        if rate:
+            return t0 + pending[0] / rate <= time.perf_counter()
+        return len(in_flight) < (concurrency or 1)
+
     while pending or engine.has_work():
-        while pending and len(in_flight) < concurrency:
+        if rate and pending and not engine.has_work():
+            time.sleep(max(0.0, t0 + pending[0] / rate - time.perf_counter()))  # idle until the next one is due
+        while pending and admissible():
             i = pending.pop(0)
-            t_submit = time.perf_counter()  # the chat template and tokenizing count, as they do in the gateway's TTFT
+            # the clock starts before the chat template and tokenizing, as the gateway's TTFT does; at a fixed rate,
+            # when the request was due
+            t_submit = t0 + i / rate if rate else time.perf_counter()
             messages = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
             req = GenerationRequest(id=uuid.uuid4().hex, model=model, prompt_ids=tok.chat_prompt_ids(messages),
                                     params=SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True))
@@ -228,11 +243,16 @@ def main() -> int:
             rows.append(summarize(f"gateway rate={rate}/s", res, wall))
 
     def in_process_runs(r: int) -> None:
-        run_in_process(models_dir / args.model, args.model, 2, 4, 2, max_batch)  # warm-up
+        # one engine, warmed up like the worker is (its warm-up requests), then measured
+        engine = in_process_engine(models_dir / args.model, args.model, max_batch)
+        run_in_process(engine, models_dir / args.model, args.model, 2, 4, 2)
         for c in args.concurrency:
-            res, wall = run_in_process(models_dir / args.model, args.model, args.requests, args.max_tokens, c,
-                                       max_batch)
+            res, wall = run_in_process(engine, models_dir / args.model, args.model, args.requests, args.max_tokens, c)
             rows.append(summarize(f"in-process concurrency={c}{tag(r)}", res, wall))
+        for rate in (args.rate or []) if r == 0 else []:
+            res, wall = run_in_process(engine, models_dir / args.model, args.model, args.requests, args.max_tokens,
+                                       None, rate)
+            rows.append(summarize(f"in-process rate={rate}/s", res, wall))
 
     if args.base_url:
         for r in range(rounds):
@@ -274,6 +294,11 @@ def main() -> int:
             ttft, itl, tok = (statistics.median(h[k] for h in hops) for k in range(3))
             print(f"hop cost at concurrency {c}, median of {len(hops)} rounds: TTFT p50 +{ttft:.2f} ms, "
                   f"ITL p50 x{itl:.3f}, tok/s x{tok:.3f}")
+    for rate in args.rate or []:  # both sides see arrivals land mid-step: the fair comparison above concurrency 1
+        g, p = by_name.get(f"gateway rate={rate}/s"), by_name.get(f"in-process rate={rate}/s")
+        if g and p:
+            print(f"hop cost at {rate} requests/s: TTFT p50 +{g['ttft_ms'][50] - p['ttft_ms'][50]:.2f} ms, "
+                  f"ITL p50 x{g['itl_ms'][50] / p['itl_ms'][50]:.3f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0 if all(r["errors"] == 0 for r in rows) else 1
