@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from inference_worker.batch import ForwardBatch
-from inference_worker.key_centering import measure_key_offsets
+from inference_worker.key_centering import measure_keys
 from inference_worker.kv_cache import KVBits, PagedKVCache
 from inference_worker.loader import load_model
 from shared.tokenizer import ModelTokenizer
@@ -55,9 +55,10 @@ def sequence_logits(
     ids: torch.Tensor,
     kv_bits: KVBits = (None, None),
     key_offsets: list[torch.Tensor] | None = None,
+    key_scales: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """float32 logits [len, vocab] for every position of one sequence, through the model's paged forward (and a
-    cache at ``kv_bits``, storing keys minus ``key_offsets`` when given)."""
+    cache at ``kv_bits``, storing keys minus ``key_offsets``, divided by ``key_scales``, when given)."""
     config = model.config
     device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
     n = ids.shape[0]
@@ -66,7 +67,7 @@ def sequence_logits(
         config.num_hidden_layers, pages, PAGE_SIZE, config.num_key_value_heads, config.head_dim, torch.float32, device,
         kv_bits,
     )  # fmt: skip
-    cache.key_offsets = key_offsets
+    cache.key_offsets, cache.key_scales = key_offsets, key_scales
     batch = ForwardBatch(
         input_ids=ids.to(device),
         positions=torch.arange(n, device=device),
@@ -105,11 +106,11 @@ def evaluate(
     quantized = kv_bits != (None, None)
     if reference is None and quantized:
         reference = model  # what the cache setting alone costs
-    offsets = measure_key_offsets(model, tokenizer) if kv_bits[0] is not None and key_centering else None
+    offsets, scales = measure_keys(model, tokenizer) if kv_bits[0] is not None and key_centering else (None, None)
     nll = ref_nll = kl = 0.0
     agree = scored = 0
     for row in batches:
-        logits = sequence_logits(model, row, kv_bits, offsets)[:-1]
+        logits = sequence_logits(model, row, kv_bits, offsets, scales)[:-1]
         targets = row[1:].to(logits.device)
         logp = F.log_softmax(logits, dim=-1)
         nll += -logp.gather(1, targets.unsqueeze(1)).sum().item()

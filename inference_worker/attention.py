@@ -128,6 +128,10 @@ def attend_paged(
     reference elsewhere."""
     cache.write(layer, k, v, batch.slot_mapping)
     k_pages, v_pages = cache.k[layer], cache.v[layer]
+    if cache.key_scales is not None:  # keys were stored divided by the scale: q * s restores every q . k
+        t, heads, dim = q.shape
+        s = cache.key_scales[layer]
+        q = (q.reshape(t, s.shape[0], heads // s.shape[0], dim) * s[None, :, None, :]).reshape(t, heads, dim)
     if q.device.type != "cuda":
         return paged_attention(
             q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from inference_worker.batch import ForwardBatch, build_batch, padded_chunk
 from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported
 from inference_worker.draft_model import DraftModelProposer
-from inference_worker.key_centering import measure_key_offsets
+from inference_worker.key_centering import measure_keys
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
@@ -155,7 +155,7 @@ class Engine:
             kv_bits=cfg.kv_bits,
         )
         if cfg.kv_bits[0] is not None and cfg.kv_key_centering:
-            self.cache.key_offsets = measure_key_offsets(model, tokenizer)
+            self.cache.key_offsets, self.cache.key_scales = measure_keys(model, tokenizer)
         # the longest sequence (prompt + output) served: the model's context, and never more than the cache holds
         self.max_model_len = min(cfg.max_model_len, self.scheduler.capacity_tokens)
         self.decode_graphs = None

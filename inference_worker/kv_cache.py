@@ -98,6 +98,8 @@ class PagedKVCache:
         # Per layer, a [kv_heads, head_dim] vector subtracted from every key before it is stored (key_centering.py):
         # attention is blind to a shift shared by all keys, and quantized keys lose less with it removed.
         self.key_offsets: list[torch.Tensor] | None = None
+        # Per layer, [kv_heads, head_dim] divisors applied after the offset; attention multiplies queries by them.
+        self.key_scales: list[torch.Tensor] | None = None
 
     @property
     def num_slots(self) -> int:
@@ -119,6 +121,8 @@ class PagedKVCache:
             raise ValueError(f"k/v must have shape {expected}, got {tuple(k.shape)} and {tuple(v.shape)}")
         if self.key_offsets is not None:
             k = k - self.key_offsets[layer]
+        if self.key_scales is not None:
+            k = k / self.key_scales[layer]
         for pages, x in ((self.k[layer], k), (self.v[layer], v)):
             if isinstance(pages, QuantPages):
                 if self.device.type == "cuda":

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from inference_worker.batch import ForwardBatch  # noqa: E402
 from inference_worker.engine import Engine, EngineConfig  # noqa: E402
-from inference_worker.key_centering import measure_key_offsets  # noqa: E402
+from inference_worker.key_centering import measure_key_offsets, measure_keys  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token, parse_kv_bits  # noqa: E402
 from inference_worker.loader import load_model  # noqa: E402
 from kernels import kv_quant, kv_quant_ref  # noqa: E402
@@ -159,12 +159,16 @@ def next_token_logprobs(default_model_dir: Path):
         logits_indices=torch.arange(n),
     )
 
-    def run(kv_bits: tuple[int | None, int | None], key_offsets: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def run(
+        kv_bits: tuple[int | None, int | None],
+        key_offsets: list[torch.Tensor] | None = None,
+        key_scales: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         cache = PagedKVCache(
             config.num_hidden_layers, pages, page_size, config.num_key_value_heads, config.head_dim,
             torch.float32, "cpu", kv_bits,
         )  # fmt: skip
-        cache.key_offsets = key_offsets
+        cache.key_offsets, cache.key_scales = key_offsets, key_scales
         with torch.inference_mode():
             return model(batch, cache).log_softmax(-1)
 
@@ -195,6 +199,30 @@ def test_shifting_every_key_by_one_vector_leaves_attention_unchanged(next_token_
     torch.testing.assert_close(next_token_logprobs((None, None), shifts), exact, rtol=1e-4, atol=2e-4)
 
 
+def test_keys_divided_by_per_channel_scales_and_queries_multiplied_leave_attention_unchanged(
+    next_token_logprobs,
+) -> None:
+    exact = next_token_logprobs((None, None))
+    gen = torch.Generator().manual_seed(1)
+    model = next_token_logprobs.model
+    shape = (model.config.num_key_value_heads, model.config.head_dim)
+    scales = [0.2 + 3 * torch.rand(shape, generator=gen) for _ in range(model.config.num_hidden_layers)]
+    shifts = [torch.randn(shape, generator=gen) for _ in range(model.config.num_hidden_layers)]
+    torch.testing.assert_close(next_token_logprobs((None, None), shifts, scales), exact, rtol=1e-4, atol=2e-4)
+
+
+def test_per_channel_key_scales_lower_the_cost_further(next_token_logprobs) -> None:
+    exact = next_token_logprobs((None, None))
+    offsets, scales = measure_keys(next_token_logprobs.model, next_token_logprobs.tokenizer)
+    assert all(torch.allclose(s.mean(-1), torch.ones(s.shape[0])) for s in scales)  # mean 1 per head
+
+    def kl(lp: torch.Tensor) -> float:
+        return float((exact.exp() * (exact - lp)).sum(-1).mean())
+
+    centered, scaled = kl(next_token_logprobs((4, 4), offsets)), kl(next_token_logprobs((4, 4), offsets, scales))
+    assert scaled < 0.95 * centered, (centered, scaled)
+
+
 def test_key_centering_lowers_what_a_quantized_key_cache_costs(next_token_logprobs) -> None:
     exact = next_token_logprobs((None, None))
     offsets = measure_key_offsets(next_token_logprobs.model, next_token_logprobs.tokenizer)
@@ -216,6 +244,9 @@ def test_the_engine_centers_keys_only_for_a_quantized_key_cache(next_token_logpr
     def engine(**cfg) -> Engine:
         return Engine(model, model.config, tokenizer, EngineConfig(kv_cache_tokens=256, max_model_len=256, **cfg))
 
-    assert engine(kv_bits=(4, 8)).cache.key_offsets is not None
-    assert engine(kv_bits=(4, 8), kv_key_centering=False).cache.key_offsets is None
-    assert engine(kv_bits=(None, 4)).cache.key_offsets is None  # unquantized keys lose nothing to their offsets
+    centered = engine(kv_bits=(4, 8)).cache
+    assert centered.key_offsets is not None and centered.key_scales is not None
+    plain = engine(kv_bits=(4, 8), kv_key_centering=False).cache
+    assert plain.key_offsets is None and plain.key_scales is None
+    unquantized = engine(kv_bits=(None, 4)).cache  # unquantized keys lose nothing to their offsets or spread
+    assert unquantized.key_offsets is None and unquantized.key_scales is None
