@@ -1,6 +1,7 @@
 """What a quantized KV cache costs in quality on the default model: KL divergence and top-1 agreement against the same
-model with an unquantized cache, for K in {2,3,4,6,8} x V in {2,4,8} bits, with and without key centering
-(inference_worker/key_centering.py). Device-independent figures (float32 forward); runs on the CPU.
+model with an unquantized cache, for K in {2,3,4,6,8} x V in {2,4,8} bits, with and without key centering (offsets
+and per-channel scales, inference_worker/key_centering.py). Device-independent figures (float32 forward); runs on
+the CPU.
 
     python bench/kv_quality.py [--windows 4] [--ctx 512] [--json OUT.json]
 """

@@ -141,7 +141,7 @@ async def require_served_model(model: str, state: GatewayState) -> list[WorkerIn
     """The model's live workers; 404 when the gateway has no such model directory, 503 when nobody serves it."""
     if not state.model_files.has_model(model):
         raise errors.unknown_model(model)
-    workers = await state.registry.workers_for(model)
+    workers = await state.registry.workers_for(model, allow_stale=True)  # on the first token's path
     if not workers:
         raise errors.no_worker(model)
     return workers

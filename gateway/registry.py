@@ -2,9 +2,10 @@
 
 A worker refreshes its hash (with a TTL) every few seconds; it counts as live while its ``heartbeat`` field is newer
 than ``settings.worker_stale_seconds``. A model is served iff at least one live worker names it. The scan result is
-cached for a fraction of a second so a burst of requests costs one SCAN, not one each; past that, a non-empty result
-is still served for a little longer while one background scan refreshes it, so no request waits for the SCAN in
-steady traffic. "Nobody serves this model" is never answered from a stale list: it is checked afresh.
+cached for a fraction of a second so a burst of requests costs one SCAN, not one each. Admission goes further: past
+that, a non-empty result is still served to it for a little longer while one background scan refreshes it, so no
+request waits for the SCAN in steady traffic; "nobody serves this model" is never answered from a stale list. Listings
+(/v1/workers, /v1/models) and the relay's liveness checks always see a list at most ``cache_seconds`` old.
 """
 
 from __future__ import annotations
@@ -70,12 +71,13 @@ class WorkerRegistry:
         self._cached_at = -float("inf")
         self._refreshing: asyncio.Task[list[WorkerInfo]] | None = None
 
-    async def live_workers(self) -> list[WorkerInfo]:
-        """Every worker with a fresh heartbeat, sorted by model then id. Raises redis errors to the caller."""
+    async def live_workers(self, allow_stale: bool = False) -> list[WorkerInfo]:
+        """Every worker with a fresh heartbeat, sorted by model then id. Raises redis errors to the caller.
+        ``allow_stale``: the admission path's answer, which may lag by up to ``serve_stale_seconds``."""
         age = time.monotonic() - self._cached_at
         if age < self.cache_seconds:
             return self._cached
-        if self._cached and age < self.serve_stale_seconds:
+        if allow_stale and self._cached and age < self.serve_stale_seconds:
             if self._refreshing is None or self._refreshing.done():
                 self._refreshing = asyncio.create_task(self._refresh_quietly())
             return self._cached
@@ -111,8 +113,8 @@ class WorkerRegistry:
         self._cached, self._cached_at = workers, now
         return workers
 
-    async def workers_for(self, model: str) -> list[WorkerInfo]:
-        found = [w for w in await self.live_workers() if w.model == model]
+    async def workers_for(self, model: str, allow_stale: bool = False) -> list[WorkerInfo]:
+        found = [w for w in await self.live_workers(allow_stale) if w.model == model]
         if not found and time.monotonic() - self._cached_at >= self.cache_seconds:
             found = [w for w in await self._scan() if w.model == model]  # "nobody serves it" is never stale
         return found

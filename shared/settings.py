@@ -73,7 +73,7 @@ class Settings:
     kv_cache_memory_fraction: float = 0.9  # with kv_cache_tokens=0 on CUDA: this share of the free memory
     kv_page_size: int = 16
     kv_bits: str = "fp16"  # "fp16" (unquantized, the model's dtype) or "K,V" bits per key and value, each 2..8 or fp16
-    kv_key_centering: bool = True  # quantized keys are stored minus each layer's mean key (better at 2-4 bits)
+    kv_key_centering: bool = True  # quantized keys stored centered and per-channel scaled (better at 2-4 bits)
     prefix_caching: bool = True  # reuse the KV pages of a prompt prefix computed before (chat turns, system prompts)
     # speculative decoding (docs/speculative.md): the default for requests that do not set "speculative"
     speculative_method: str = "off"  # off | ngram (prompt lookup) | draft
