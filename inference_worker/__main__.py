@@ -46,7 +46,7 @@ def serve(model_id: str, settings, log) -> int:
 
     def redis_side() -> None:
         try:
-            asyncio.run(service.run(engine_loop))
+            asyncio.run(service.run())
         except BaseException:
             log.exception("the worker's service loop failed")
             failed.set()

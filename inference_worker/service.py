@@ -1,6 +1,6 @@
 """The inference worker's Redis side: pull requests when there is room, publish events, watch cancels, heartbeat.
 
-One asyncio task per concern. The engine steps on another thread (EngineLoop: the process's main thread when run by
+One asyncio task per concern. The engine steps on another thread (EngineLoop, on the process's main thread: see
 ``python -m inference_worker``) so the model never waits on Redis, and its events leave through a thread of their own
 (EventPublisher) so relaying tokens never waits on the event loop.
 Entries are acknowledged only after the final event of their request is written (ARCHITECTURE.md).
@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 from redis.exceptions import ResponseError
 
-from inference_worker.engine import Engine, EngineLoop
+from inference_worker.engine import Engine
 from inference_worker.metrics import ServiceMetrics
 from inference_worker.publisher import EventPublisher, publisher_client
 from shared import names, wire
@@ -73,18 +73,14 @@ class WorkerService:
         )
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
-    async def run(self, engine_loop: EngineLoop | None = None) -> None:
-        """Serve until ``stop()``. The engine steps in ``engine_loop``, which the caller runs (and stops after this
-        returns) with ``self.publisher.submit`` as its event sink; without one, the service runs its own thread."""
+    async def run(self) -> None:
+        """Serve until ``stop()``. The caller steps the engine (an ``EngineLoop`` with ``self.publisher.submit`` as
+        its event sink) on another thread, and stops it after this returns."""
         self._loop = asyncio.get_running_loop()
         if self._stop_requested:
             self.stopping.set()
         await ensure_group(self.redis, self.stream, names.WORKER_GROUP)
         self.publisher.start()
-        own_loop = engine_loop is None
-        if own_loop:
-            engine_loop = EngineLoop(self.engine, on_events=self.publisher.submit)
-            engine_loop.start()
         await self._heartbeat_once()
         log.info("worker %s serving %s from %s", self.worker_id, self.model_id, self.stream)
         tasks = [asyncio.create_task(c) for c in (self._intake(), self._watch_cancels(), self._heartbeat(),
@@ -96,8 +92,6 @@ class WorkerService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if own_loop:
-                engine_loop.stop()
             await asyncio.to_thread(self.publisher.stop)  # what the last steps said still reaches the clients
             self.publisher.client.close()
             await self.redis.delete(names.worker_key(self.worker_id))
