@@ -31,11 +31,6 @@ _CALIBRATION_CHARS = 16_000  # comfortably more text than CALIBRATION_TOKENS tok
 KEY_SCALE_POWER = 0.5
 
 
-def measure_key_offsets(model: Any, tokenizer: ModelTokenizer, tokens: int = CALIBRATION_TOKENS) -> list[torch.Tensor]:
-    """Each layer's mean stored key [kv_heads, head_dim] (in the model's dtype, on its device)."""
-    return measure_keys(model, tokenizer, tokens)[0]
-
-
 @torch.inference_mode()
 def measure_keys(
     model: Any, tokenizer: ModelTokenizer, tokens: int = CALIBRATION_TOKENS

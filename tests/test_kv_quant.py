@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 from inference_worker.batch import ForwardBatch  # noqa: E402
 from inference_worker.engine import Engine, EngineConfig  # noqa: E402
-from inference_worker.key_centering import measure_key_offsets, measure_keys  # noqa: E402
+from inference_worker.key_centering import measure_keys  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token, parse_kv_bits  # noqa: E402
 from inference_worker.loader import load_model  # noqa: E402
 from kernels import kv_quant, kv_quant_ref  # noqa: E402
@@ -225,7 +225,7 @@ def test_per_channel_key_scales_lower_the_cost_further(next_token_logprobs) -> N
 
 def test_key_centering_lowers_what_a_quantized_key_cache_costs(next_token_logprobs) -> None:
     exact = next_token_logprobs((None, None))
-    offsets = measure_key_offsets(next_token_logprobs.model, next_token_logprobs.tokenizer)
+    offsets, _ = measure_keys(next_token_logprobs.model, next_token_logprobs.tokenizer)
     assert len(offsets) == next_token_logprobs.model.config.num_hidden_layers
     assert max(float(o.abs().max()) for o in offsets) > 1.0  # the default model's keys do carry offsets
 
