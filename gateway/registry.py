@@ -115,8 +115,8 @@ class WorkerRegistry:
 
     async def workers_for(self, model: str, allow_stale: bool = False) -> list[WorkerInfo]:
         found = [w for w in await self.live_workers(allow_stale) if w.model == model]
-        if not found and time.monotonic() - self._cached_at >= self.cache_seconds:
-            found = [w for w in await self._scan() if w.model == model]  # "nobody serves it" is never stale
+        if not found and allow_stale:  # "nobody serves it" is never answered from a stale list
+            found = [w for w in await self.live_workers() if w.model == model]
         return found
 
     async def models(self) -> dict[str, list[WorkerInfo]]:

@@ -26,8 +26,6 @@ from shared.tokenizer import ModelTokenizer
 
 CALIBRATION_TOKENS = 512
 _CALIBRATION_CHARS = 16_000  # comfortably more text than CALIBRATION_TOKENS tokens, without tokenizing every file
-
-
 KEY_SCALE_POWER = 0.5
 
 

@@ -9,6 +9,16 @@ from shared import names
 from tests.gateway_harness import announce_worker
 
 
+async def after_a_worker_left(redis, model: str, serve_stale_seconds: float, wait: float) -> tuple[WorkerRegistry, str]:
+    """A registry that listed one worker of ``model``; the worker's heartbeat is gone since ``wait`` seconds."""
+    registry = WorkerRegistry(redis, stale_seconds=10, cache_seconds=0.05, serve_stale_seconds=serve_stale_seconds)
+    gone = await announce_worker(redis, model)
+    assert [w.worker_id for w in await registry.live_workers()] == [gone]
+    await redis.delete(names.worker_key(gone))
+    await asyncio.sleep(wait)
+    return registry, gone
+
+
 async def test_a_fresh_list_is_served_from_the_cache(redis) -> None:
     registry = WorkerRegistry(redis, stale_seconds=10, cache_seconds=60)
     first = await announce_worker(redis, "m1")
@@ -18,11 +28,7 @@ async def test_a_fresh_list_is_served_from_the_cache(redis) -> None:
 
 
 async def test_past_the_cache_a_known_list_is_served_while_one_scan_refreshes_it(redis) -> None:
-    registry = WorkerRegistry(redis, stale_seconds=10, cache_seconds=0.05, serve_stale_seconds=60)
-    gone = await announce_worker(redis, "m2")
-    assert len(await registry.workers_for("m2")) == 1
-    await redis.delete(names.worker_key(gone))
-    await asyncio.sleep(0.1)
+    registry, gone = await after_a_worker_left(redis, "m2", serve_stale_seconds=60, wait=0.1)
     assert [w.worker_id for w in await registry.workers_for("m2", allow_stale=True)] == [gone]  # at once, stale
     for _ in range(100):  # the background scan lands
         if not await registry.workers_for("m2", allow_stale=True):
@@ -32,11 +38,7 @@ async def test_past_the_cache_a_known_list_is_served_while_one_scan_refreshes_it
 
 
 async def test_listings_never_see_a_list_older_than_the_cache(redis) -> None:
-    registry = WorkerRegistry(redis, stale_seconds=10, cache_seconds=0.05, serve_stale_seconds=60)
-    gone = await announce_worker(redis, "m5")
-    assert len(await registry.live_workers()) == 1
-    await redis.delete(names.worker_key(gone))
-    await asyncio.sleep(0.1)
+    registry, _ = await after_a_worker_left(redis, "m5", serve_stale_seconds=60, wait=0.1)
     assert await registry.live_workers() == []  # rescanned, not served stale
 
 
@@ -50,9 +52,5 @@ async def test_no_worker_for_a_model_is_always_checked_afresh(redis) -> None:
 
 
 async def test_a_list_older_than_serve_stale_seconds_is_rescanned_before_answering(redis) -> None:
-    registry = WorkerRegistry(redis, stale_seconds=10, cache_seconds=0.05, serve_stale_seconds=0.1)
-    gone = await announce_worker(redis, "m4")
-    assert len(await registry.workers_for("m4")) == 1
-    await redis.delete(names.worker_key(gone))
-    await asyncio.sleep(0.2)
-    assert await registry.workers_for("m4") == []
+    registry, _ = await after_a_worker_left(redis, "m4", serve_stale_seconds=0.1, wait=0.2)
+    assert await registry.workers_for("m4", allow_stale=True) == []  # even admission's answer is rescanned
