@@ -125,17 +125,24 @@ class InFlight:
     def _charged_prompt(self) -> int:
         return self.meta.prompt_tokens if self.started else 0
 
-    async def _leave_queue(self, started: bool) -> None:
+    def _leave_queue(self, started: bool) -> Awaitable[object]:
+        """Give the queue place back, once. The claim is made at the call, not when the returned Redis call runs:
+        the start's release goes off in the background, and leaving must not release it again as "not started"
+        before that task has had its turn."""
         if self._queue_released:
-            return
+            return _nothing()
         self._queue_released = True
-        await self.state.queue.release(self.meta.model, self.id, started)
+        return self.state.queue.release(self.meta.model, self.id, started)
 
     async def _settle(self, prompt: int, completion: int) -> None:
         if self._settled:
             return
         self._settled = True
         await self.state.limits.settle(self.id, self.meta.key_id, self.meta.quota_key, prompt, completion)
+
+
+async def _nothing() -> None:
+    return None
 
 
 async def _quietly(step: Awaitable[object], what: str, request_id: str) -> None:

@@ -12,8 +12,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.app import create_app
+from gateway.inflight import InFlight
 from gateway.queue_budget import DrainRate, QueueState, retry_after_seconds
+from gateway.state import STATE
+from gateway.stream_meta import RequestMeta
 from shared import names, wire
+from shared.redis_streams import entry
 from tests.gateway_harness import (
     StandInWorker,
     WorkerPeer,
@@ -79,6 +84,22 @@ async def test_a_full_queue_is_429_with_retry_after_and_the_limit_named(settings
             task.cancel()
         await asyncio.gather(*waiting, return_exceptions=True)
         await until(lambda: _equals(waiting_in_ledger(redis), 0))  # clients that left give their place back
+
+
+async def test_a_request_that_ends_with_its_first_event_still_counts_as_started(settings, redis) -> None:
+    # the start's release runs in the background; leaving right after must not release the place as "not started"
+    state = create_app(settings)[STATE]
+    request = wire.GenerationRequest(id="quick-1", model=MODEL, prompt_ids=[1, 2, 3])
+    meta = RequestMeta(request.id, "completions", MODEL, 0, 1, False, 0, False, 3, queue_deadline=time.time() + 60)
+    await redis.xadd(names.output_stream(request.id), entry({"type": wire.EVENT_DELTA, "index": 0, "token_ids": [7]}))
+    async with InFlight(state, meta, request=request) as flight:
+        async for ev in flight.events():
+            if ev is not None:
+                break  # the client leaves at once
+    await asyncio.gather(*state.tasks)
+    assert await waiting_in_ledger(redis) == 0
+    assert (await state.queue.state(MODEL)).drained == 1
+    await state.redis.aclose()
 
 
 async def test_the_token_budget_admits_a_first_request_of_any_size_but_not_a_second(
