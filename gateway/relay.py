@@ -41,7 +41,6 @@ local function enqueue(stream, meta, args, at)
   return id
 end
 """
-_ENQUEUE = ENQUEUE_LUA + "return enqueue(KEYS[1], KEYS[2], ARGV, 1)\n"
 
 # KEYS: requests stream, cancel key, output stream. ARGV: entry id, group, cancel ttl.
 # Deletes the entry if no worker has been handed it yet (then it can never run); sets the cancel key either way.
@@ -105,11 +104,11 @@ class Relay:
         self.stream_maxlen = stream_maxlen
         self.cancel_ttl = cancel_ttl
         self.block_ms = max(1, int(block_seconds * 1000))  # 0 would mean "block forever"
-        self._enqueue = redis.register_script(_ENQUEUE)
         self._withdraw = redis.register_script(_WITHDRAW)
 
     def enqueue_call(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> tuple[list, list]:
-        """KEYS and ARGV of ``ENQUEUE_LUA``'s ``enqueue`` for this request (for this module's script or another's)."""
+        """KEYS and ARGV of ``ENQUEUE_LUA``'s ``enqueue``: the XADD to ``requests:{model}`` (trimmed, approximately,
+        to the configured length) with the request's meta, run by ``QueueBudget.reserve_and_enqueue``."""
         meta_args: list[str] = []
         ttl = META_SLACK_SECONDS
         if meta is not None:
@@ -118,12 +117,6 @@ class Relay:
             meta_args = [part for item in meta.to_hash().items() for part in item]
         keys = [names.requests_stream(request.model), names.request_meta(request.id)]
         return keys, [self.stream_maxlen, names.PAYLOAD_FIELD, wire.pack(request.to_dict()), ttl, *meta_args]
-
-    async def enqueue(self, request: wire.GenerationRequest, meta: RequestMeta | None = None) -> str:
-        """XADD the request to ``requests:{model}`` (trimmed, approximately, to the configured length), together with
-        its meta; returns the entry id."""
-        keys, args = self.enqueue_call(request, meta)
-        return entry_id_text(await self._enqueue(keys=keys, args=args))
 
     async def withdraw(self, model: str, request_id: str, entry_id: str) -> bool | None:
         """Make sure a late request never runs: delete its queue entry if undelivered (True), else cancel it (False).

@@ -15,6 +15,7 @@ import pytest
 from gateway.admission import fit_max_tokens
 from gateway.app import start
 from gateway.openai_api import parse_completion
+from gateway.queue_budget import QueueBudget
 from gateway.registry import WorkerRegistry
 from gateway.relay import Relay
 from shared import names, wire
@@ -273,8 +274,10 @@ async def test_request_ends_with_503_when_every_worker_of_the_model_disappears(
 
 async def test_requests_stream_is_trimmed_to_about_its_configured_length(redis) -> None:
     relay = Relay(redis, WorkerRegistry(redis, 10.0), stream_maxlen=10, cancel_ttl=60, block_seconds=0.1)
+    queue = QueueBudget(redis, max_requests=1000, max_tokens=10**9, fallback_retry_after=1.0)
     for i in range(500):
-        await relay.enqueue(wire.GenerationRequest(id=f"trim-{i}", model=MODEL, prompt_ids=PROMPT))
+        request = wire.GenerationRequest(id=f"trim-{i}", model=MODEL, prompt_ids=PROMPT)
+        await queue.reserve_and_enqueue(MODEL, request.id, 1, time.time() + 60, relay.enqueue_call(request))
     length = await redis.xlen(names.requests_stream(MODEL))
     assert 10 <= length < 500  # MAXLEN ~ trims whole macro-nodes: about 10, never unbounded
 
