@@ -81,7 +81,7 @@ def main() -> int:
             server.terminate()
             server.wait()
     local = in_process(models_dir, args.requests, args.max_tokens)
-    # The worker steps its engine on a thread of its own; the same loop on a plain thread isolates that from Redis.
+    # The same loop on a plain thread shows what stepping off the main thread costs (why the worker steps on its own).
     threaded: list = []
     runner = threading.Thread(target=lambda: threaded.extend(in_process(models_dir, args.requests, args.max_tokens)))
     runner.start()
