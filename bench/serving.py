@@ -10,9 +10,10 @@ pattern, then the same requests driven straight into the engine in this process,
 hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency). With
 ``--rounds N`` the two alternate N times with the suite up throughout (so both see the same idle background
 processes) and the hop is reported per round and as the median over rounds: on a noisy host one pair of runs can
-differ by more than the hop itself. Fixed-rate runs go through both sides too: above concurrency 1 a closed loop
-in-process adds each request exactly between steps, while one arriving through the gateway lands mid-step and
-waits for it, so the fixed-rate pair (both arriving mid-step) is the fair time-to-first-token comparison there.
+differ by more than the hop itself. The in-process side runs the engine as the worker does (``EngineLoop.run()`` on
+the main thread) with an asynchronous client on a second thread, so in both a request that arrives while a step runs
+joins at the next step; only the gateway, Redis and the worker's intake and publisher are missing from it. Fixed-rate
+runs go through both sides too.
 Loopback only; every loop is bounded in count and time.
 """
 
@@ -21,9 +22,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -143,29 +146,29 @@ def in_process_engine(model_dir: Path, model: str, max_batch_size: int):
 
 def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int | None,
                    rate: float | None = None) -> tuple[list[Result], float]:
-    """The same requests fed straight into ``engine`` in this process (no gateway, no Redis): ``concurrency`` at a
-    time, or one every 1/``rate`` seconds (then a request's clock starts when it is due, even while a step runs: it
-    waits for the step as a request arriving through the gateway does)."""
+    """The same requests fed straight into ``engine`` in this process (no gateway, no Redis), the way the worker runs
+    it: ``EngineLoop.run()`` steps on this (main) thread while a client thread submits ``concurrency`` requests at a
+    time, or one every 1/``rate`` seconds, and reads the events as the loop hands them over. The client is
+    asynchronous, as every served client is: a request submitted while a step runs joins at the next step. Event
+    times are taken when the loop hands them over (an in-process consumer's best case)."""
+    from inference_worker.engine import EngineLoop
     from shared.tokenizer import ModelTokenizer
     from shared.wire import GenerationRequest, SamplingParams
 
     tok = ModelTokenizer.from_dir(model_dir)
-    pending = list(range(n))
-    start: dict[str, float] = {}
-    last: dict[str, float] = {}
+    delivered: queue.SimpleQueue = queue.SimpleQueue()
+    loop = EngineLoop(engine, lambda events: delivered.put((time.perf_counter(), events)))
     results: dict[str, Result] = {}
-    in_flight: set[str] = set()
+    failure: list[BaseException] = []
     t0 = time.perf_counter()
-    def admissible() -> bool:
-        if rate:
-            return t0 + pending[0] / rate <= time.perf_counter()
-        return len(in_flight) < (concurrency or 1)
 
-    while pending or engine.has_work():
-        if rate and pending and not engine.has_work():
-            time.sleep(max(0.0, t0 + pending[0] / rate - time.perf_counter()))  # idle until the next one is due
-        while pending and admissible():
-            i = pending.pop(0)
+    def client() -> None:
+        pending = list(range(n))
+        start: dict[str, float] = {}
+        last: dict[str, float] = {}
+        in_flight: set[str] = set()
+
+        def submit(i: int) -> None:
             # the clock starts before the chat template and tokenizing, as the gateway's TTFT does; at a fixed rate,
             # when the request was due
             t_submit = t0 + i / rate if rate else time.perf_counter()
@@ -176,21 +179,46 @@ def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int,
             results[req.id] = Result(ok=False)
             in_flight.add(req.id)
             engine.add_request(req)
-        for rid, ev in engine.step():
-            now = time.perf_counter()
-            r = results[rid]
-            if ev["type"] == "delta" and ev.get("text"):
-                if rid not in last:
-                    r.ttft = now - start[rid]
-                else:
-                    r.itl.append(now - last[rid])
-                last[rid] = now
-            elif ev["type"] == "done":
-                r.ok, r.e2e, r.tokens = True, now - start[rid], ev["usage"]["completion_tokens"]
-                in_flight.discard(rid)
-            elif ev["type"] == "error":
-                r.error = ev["message"]
-                in_flight.discard(rid)
+
+        deadline = time.perf_counter() + 600.0
+        while (pending or in_flight) and time.perf_counter() < deadline:
+            while pending and (t0 + pending[0] / rate <= time.perf_counter() if rate
+                               else len(in_flight) < (concurrency or 1)):
+                submit(pending.pop(0))
+            wait = max(0.0, t0 + pending[0] / rate - time.perf_counter()) if rate and pending else 1.0
+            try:
+                now, events = delivered.get(timeout=wait)
+            except queue.Empty:
+                continue
+            for rid, ev in events:
+                r = results[rid]
+                if ev["type"] == "delta" and ev.get("text"):
+                    if rid not in last:
+                        r.ttft = now - start[rid]
+                    else:
+                        r.itl.append(now - last[rid])
+                    last[rid] = now
+                elif ev["type"] == "done":
+                    r.ok, r.e2e, r.tokens = True, now - start[rid], ev["usage"]["completion_tokens"]
+                    in_flight.discard(rid)
+                elif ev["type"] == "error":
+                    r.error = ev["message"]
+                    in_flight.discard(rid)
+
+    def guarded_client() -> None:
+        try:
+            client()
+        except BaseException as exc:  # re-raised on the main thread once the loop has stopped
+            failure.append(exc)
+        finally:
+            loop.stop()
+
+    thread = threading.Thread(target=guarded_client, name="bench-client")
+    thread.start()
+    loop.run()
+    thread.join()
+    if failure:
+        raise failure[0]
     return list(results.values()), time.perf_counter() - t0
 
 
@@ -242,9 +270,14 @@ def main() -> int:
             res, wall = await run_http(base, args.model, args.requests, args.max_tokens, None, rate)
             rows.append(summarize(f"gateway rate={rate}/s", res, wall))
 
+    engines: list = []
+
     def in_process_runs(r: int) -> None:
-        # one engine, warmed up like the worker is (its warm-up requests), then measured
-        engine = in_process_engine(models_dir / args.model, args.model, max_batch)
+        # one engine for every round, warmed up like the worker is (its warm-up requests), then measured: like the
+        # served worker, it captures a CUDA graph for a new shape once, in whichever round first needs it
+        if not engines:
+            engines.append(in_process_engine(models_dir / args.model, args.model, max_batch))
+        engine = engines[0]
         run_in_process(engine, models_dir / args.model, args.model, 2, 4, 2)
         for c in args.concurrency:
             res, wall = run_in_process(engine, models_dir / args.model, args.model, args.requests, args.max_tokens, c)
@@ -294,7 +327,7 @@ def main() -> int:
             ttft, itl, tok = (statistics.median(h[k] for h in hops) for k in range(3))
             print(f"hop cost at concurrency {c}, median of {len(hops)} rounds: TTFT p50 +{ttft:.2f} ms, "
                   f"ITL p50 x{itl:.3f}, tok/s x{tok:.3f}")
-    for rate in args.rate or []:  # both sides see arrivals land mid-step: the fair comparison above concurrency 1
+    for rate in args.rate or []:
         g, p = by_name.get(f"gateway rate={rate}/s"), by_name.get(f"in-process rate={rate}/s")
         if g and p:
             print(f"hop cost at {rate} requests/s: TTFT p50 +{g['ttft_ms'][50] - p['ttft_ms'][50]:.2f} ms, "

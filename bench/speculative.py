@@ -53,6 +53,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from inference_worker.engine import Engine, resolve_dtype  # noqa: E402
+from inference_worker.speculative import SpeculationPlanner  # noqa: E402
 from shared.exl3_format import QUANT_CONFIG_FILE  # noqa: E402
 from shared.exl3_synth import PRESETS, Preset, synth_model  # noqa: E402
 from shared.model_dir import CONFIG_FILE, TensorSource, load_config  # noqa: E402
@@ -213,6 +215,7 @@ class Config:
     label: str  # e.g. "off", "ngram k=4"
     method: str  # off | ngram | draft
     k: int = 0
+    planned: bool = False  # the engine's SpeculationPlanner caps guesses by measured cost (TRELLIS_SPECULATIVE_BY_COST)
 
     @property
     def speculative(self) -> dict[str, Any]:
@@ -238,16 +241,28 @@ class Bench:
     ) -> dict[str, Any]:
         """One warm-up run of ``cfg``, then one timed run; its row (speed, acceptance, same tokens as ``reference``,
         the "off" row of the same workload). Greedy decoding and deterministic proposers make a full-length warm-up
-        step through exactly the shapes of the timed run, so every decode graph it needs is captured before."""
-        warm = self.run(make_requests("warm", min(warmup_tokens or max_tokens, max_tokens), cfg.speculative))
-        if warm.errors:
-            raise RuntimeError(f"warm-up of {cfg.label} failed: {warm.errors[:3]}")
+        step through exactly the shapes of the timed run, so every decode graph it needs is captured before. A
+        planned configuration gets a fresh planner before its warm-up and keeps what it learnt there, as a served
+        worker keeps it between requests."""
+        self.engine.planner = SpeculationPlanner() if cfg.planned else None
+        if self.engine.planner is not None:
+            self.engine.planner.trace = []
+        # a planned configuration warms up twice: its choices in the timed run follow what it learnt in the first,
+        # so the second captures the graphs of the shapes it then picks (a served worker captures each once, ever)
+        for _ in range(2 if cfg.planned else 1):
+            warm = self.run(make_requests("warm", min(warmup_tokens or max_tokens, max_tokens), cfg.speculative))
+            if warm.errors:
+                raise RuntimeError(f"warm-up of {cfg.label} failed: {warm.errors[:3]}")
+        trace_start = len(self.engine.planner.trace) if self.engine.planner is not None else 0
         before = spec_counts(self.registry, self.model_id, cfg.method) if cfg.method != "off" else None
         graphs_before = self.engine.stats()
         run = self.run(make_requests("timed", max_tokens, cfg.speculative))
         graphs = {
-            k: self.engine.stats().get(k, 0) - graphs_before.get(k, 0) for k in ("decode_graphs", "decode_graph_steps")
+            k: self.engine.stats().get(k, 0) - graphs_before.get(k, 0)
+            for k in ("decode_graphs", "decode_graph_steps", "graph_capture_s")
         }
+        # a graph captured inside the timed run is a one-time cost a served worker pays once per shape: left out
+        run.decode_s = max(run.decode_s - graphs["graph_capture_s"], 1e-9) if run.decode_s else 0.0
         n = len(run.tokens)
         row: dict[str, Any] = {
             "config": cfg.label,
@@ -264,7 +279,8 @@ class Bench:
             "tokens_per_step_per_seq": run.decode_tokens / run.decode_steps / n if run.decode_steps else 0.0,
             "propose_s": run.propose_s,
             "graph_steps": graphs["decode_graph_steps"],  # steps replayed from a CUDA graph (0 on CPU)
-            "graphs_captured": graphs["decode_graphs"],  # captured inside the timed run: their capture was timed
+            "graphs_captured": graphs["decode_graphs"],  # captured inside the timed run (time left out of decode_s)
+            "capture_s": graphs["graph_capture_s"],
             "errors": run.errors,
         }
         if before is not None:
@@ -274,6 +290,8 @@ class Bench:
                        accepted_tokens=int(d["num_accepted_tokens"]))  # fmt: skip
             row["acceptance"] = d["num_accepted_tokens"] / d["num_draft_tokens"] if d["num_draft_tokens"] else None
             row["accepted_per_draft"] = d["num_accepted_tokens"] / d["num_drafts"] if d["num_drafts"] else None
+        if self.engine.planner is not None:
+            row["planner"] = planner_summary(self.engine.planner, trace_start)
         if reference is not None:
             ref_tokens = reference["_tokens"]
             mismatches = {rid: first_mismatch(ref_tokens[rid], run.tokens[rid]) for rid in ref_tokens}
@@ -292,6 +310,19 @@ class Bench:
         return run_requests(self.engine, self.clock, requests)
 
 
+def planner_summary(planner: SpeculationPlanner, start: int) -> dict[str, Any]:
+    """What the planner chose in the timed run (why and which cap, counted), the step seconds it had learnt by the
+    end (bucket x tokens per sequence), and its last priced choice."""
+    timed = planner.trace[start:] if planner.trace else []
+    chosen = Counter(f"{why} cap={cap}" for why, _, cap, _ in timed)
+    last = next((rates for why, _, _, rates in reversed(timed) if why == "best"), {})
+    return {
+        "chosen": dict(sorted(chosen.items())),
+        "step_ms": {f"{b}x{q}": round(1000 * s, 3) for (b, q), s in sorted(planner._seconds.items())},
+        "last_tokens_per_s": {cap: round(rate, 1) for cap, rate in last.items()},
+    }
+
+
 def describe(row: dict[str, Any]) -> str:
     parts = [f"{row['config']}: {row['decode_tok_s']:.1f} tok/s decode ({row['completion_tokens']} tokens)"]
     if row.get("speedup") is not None:
@@ -300,6 +331,8 @@ def describe(row: dict[str, Any]) -> str:
         parts.append(f"acceptance {row['acceptance']:.2f} ({row['accepted_tokens']}/{row['draft_tokens']})")
     elif row["method"] != "off":
         parts.append("no drafts")
+    if row.get("planner"):
+        parts.append(f"planner {row['planner']}")
     if "same_tokens_as_off" in row:
         parts.append("same tokens" if row["same_tokens_as_off"] else f"DIFFERENT TOKENS {row.get('first_mismatch')}")
     if row["errors"]:
@@ -426,7 +459,11 @@ def part_ngram(args: argparse.Namespace, res: dict[str, Any], save: Callable[[],
         bench = Bench(engine, registry, "smollm2")
         tok = engine.tokenizer
         works = {"code_edit": code_edit_work(REPO / args.code_file, args.rename), "quote": quote_work(args.quote_chars)}
-        configs = [Config("off", "off")] + [Config(f"ngram k={k}", "ngram", k) for k in args.ngram_k]
+        configs = [Config("off", "off")] + [
+            Config(f"ngram k={k}{' planned' if planned else ''}", "ngram", k, planned)
+            for k in args.ngram_k
+            for planned in planner_choices(args)
+        ]
         for name, work in works.items():
             # the answer's start goes in the prompt: asked plainly, a 135M model writes something new instead of copying
             prompt = tok.chat_prompt_ids(work.messages) + tok.encode(work.prefill, add_special_tokens=False)
@@ -568,7 +605,10 @@ def part_draft(args: argparse.Namespace, res: dict[str, Any], save: Callable[[],
         log(f"B: loaded target + draft in {res['load_s']:.0f} s ({engine.cfg.device}, {res['dtype']})")
         damper = TailDamper(engine.model, n)
         bench = Bench(engine, registry, args.target_preset)
-        configs = [Config("off", "off"), Config(f"draft k={args.draft_k}", "draft", args.draft_k)]
+        configs = [Config("off", "off")] + [
+            Config(f"draft k={args.draft_k}{' planned' if planned else ''}", "draft", args.draft_k, planned)
+            for planned in planner_choices(args)
+        ]
         for scale in args.tail_scale:
             damper.set(scale)
             for batch in args.batches:
@@ -613,8 +653,8 @@ def _table(title: str, first: list[str], rows: list[dict[str, Any]], skipped: li
         same = "ref" if row["method"] == "off" else {True: "yes", False: "NO"}.get(row.get("same_tokens_as_off"), "-")
         speedup = f"{row['speedup']:.2f}x" if row.get("speedup") is not None else "-"
         graphed = f"{row['graph_steps']}/{row['decode_steps']}"  # decode steps replayed from CUDA graphs
-        if row["graphs_captured"]:
-            graphed += f" ({row['graphs_captured']} captured while timed)"
+        if row.get("capture_s"):
+            graphed += f" ({row['capture_s']:.2f} s of captures left out)"
         cells = [*head, str(row["completion_tokens"]), f"{row['decode_tok_s']:.1f}", speedup, acceptance,
                  f"{row['tokens_per_step_per_seq']:.2f}", f"{row['propose_s']:.2f}", graphed, same]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
@@ -650,6 +690,10 @@ def print_table(r: dict[str, Any]) -> None:
 
 
 # -- main -------------------------------------------------------------------------------------------------------------
+def planner_choices(args: argparse.Namespace) -> list[bool]:
+    return {"off": [False], "on": [True], "both": [False, True]}[args.planner]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small everything: checks the logic (on CPU in ~3 min)")
@@ -662,6 +706,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="new tokens of each warm-up (default 0: as many as the timed run; --quick 4)",
     )
+    ap.add_argument("--planner", choices=["off", "on", "both"], default="both",
+                    help="speculative rows without / with the cost planner (TRELLIS_SPECULATIVE_BY_COST), or both")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="TRELLIS_CUDA_GRAPHS=false: every step eager")
     ap.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
     a = ap.add_argument_group("A: n-gram lookup")

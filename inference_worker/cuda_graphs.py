@@ -23,6 +23,7 @@ their usual grouping would need the host mid-step.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool: Any = torch.cuda.graph_pool_handle() if capture else None
         self.replays = 0  # steps served from a graph (or from the static buffers when not capturing)
+        self.capture_seconds = 0.0  # spent capturing, a one-time cost per shape (benchmarks leave it out)
 
     @property
     def num_graphs(self) -> int:
@@ -205,6 +207,7 @@ class DecodeGraphs:
     def _capture(self, g: _Graph) -> None:
         """Warm up (compiles every kernel, settles the allocator) on a side stream, then capture. Every sequence is
         padding meanwhile, so capturing writes only the scratch page."""
+        started = time.perf_counter()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(side):
@@ -215,3 +218,5 @@ class DecodeGraphs:
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._pool):
             g.logits = self.model.forward(g.batch, self.cache)
         g.graph = graph
+        torch.cuda.current_stream(self.device).synchronize()
+        self.capture_seconds += time.perf_counter() - started

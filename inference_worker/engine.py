@@ -7,6 +7,7 @@ the one thread that calls ``step()`` (``EngineLoop``), so the model never waits 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -28,12 +29,13 @@ from inference_worker.metrics import WorkerMetrics
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
 from inference_worker.scheduler import ScheduledSeq, Scheduler, Sequence, StepPlan
 from inference_worker.speculative import (
+    AcceptancePrior,
     AdaptiveDraftLength,
     DraftRequest,
     NgramProposer,
     Proposer,
     SpecRequest,
-    SpeculationGovernor,
+    SpeculationPlanner,
     resolve_request,
 )
 from inference_worker.stop import StopChecker
@@ -47,6 +49,7 @@ log = logging.getLogger("inference_worker.engine")
 Event = tuple[str, dict[str, Any]]
 CPU_KV_CACHE_BYTES = 1 << 30  # with kv_cache_tokens=0 on CPU, the cache stays under ~1 GiB
 GPU_KV_CACHE_FRACTION = 0.9  # with kv_cache_tokens=0 on CUDA, the cache takes this share of free memory
+ADMIT_LINGER_STEP_FRACTION = 0.05  # Engine.linger: the running sequences' inter-token time grows by at most this
 GPU_DRAFT_CACHE_FRACTION = 0.1  # with speculative_draft_cache_tokens=0 on CUDA, the most the draft's cache may take
 
 
@@ -67,8 +70,12 @@ class EngineConfig:
     # guesses are cut so a decode step feeds at most this many tokens (EXL3's fused matmul takes up to 32 rows; more
     # rebuild every weight, which no guess is worth)
     speculative_max_step_tokens: int = 32
-    # time decode steps with and without guesses per batch size and guess only where it pays (SpeculationGovernor)
+    # cap each step's guesses by the measured cost of steps with and without them (SpeculationPlanner); the worker's
+    # default (on) comes from Settings, unit tests opt in
     speculative_by_cost: bool = False
+    # after a step that ended a request, wait up to this long (and at most ADMIT_LINGER_STEP_FRACTION of that step)
+    # for the next request before stepping on without it (Engine.linger); 0: never
+    admit_linger_s: float = 0.0
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"
@@ -181,8 +188,11 @@ class Engine:
         self._num_live_seqs = 0  # sequences queued or scheduled, for free_slots() from any thread
         # speculative decoding: n-gram lookup is always there (it costs nothing); a draft model only when given
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer(), **(proposers or {})}
-        self.governor = SpeculationGovernor() if cfg.speculative_by_cost else None
+        self.planner = SpeculationPlanner() if cfg.speculative_by_cost else None
+        self.acceptance_prior = AcceptancePrior()
         self._tokens_this_step = 0
+        self._last_step_s = 0.0  # wall time of the last step that ran a forward
+        self._freed_slot = False  # a sequence ended since the last linger()
         try:
             self._default_spec = resolve_request(
                 None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
@@ -233,6 +243,7 @@ class Engine:
             speculative_max_batch=settings.speculative_max_batch,
             speculative_max_step_tokens=settings.speculative_max_step_tokens,
             speculative_by_cost=settings.speculative_by_cost,
+            admit_linger_s=settings.admit_linger_ms / 1000.0,
             decode_graphs="auto" if settings.cuda_graphs else "off",
             kv_key_centering=settings.kv_key_centering,
         )
@@ -272,6 +283,20 @@ class Engine:
         with self._cond:
             self._cond.notify_all()
 
+    def linger(self) -> None:
+        """Between steps, after one that ended a sequence while others still run and nothing waits: give the freed
+        slot's successor a moment to arrive (a client that sends its next request as soon as one ends, like a chat
+        UI or an agent). Without it the request lands just after the next step began and waits all of it; with it
+        the running sequences wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step.
+        Returns at once when a request (or abort) arrives."""
+        freed, self._freed_slot = self._freed_slot, False
+        if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting or not self.scheduler.running:
+            return
+        limit = min(self.cfg.admit_linger_s, ADMIT_LINGER_STEP_FRACTION * self._last_step_s)
+        with self._cond:
+            if not (self._inbox or self._aborts):
+                self._cond.wait(limit)
+
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
         return {
@@ -281,6 +306,7 @@ class Engine:
             "pages_free": s.num_free_pages,
             "decode_graphs": 0 if self.decode_graphs is None else self.decode_graphs.num_graphs,
             "decode_graph_steps": 0 if self.decode_graphs is None else self.decode_graphs.replays,
+            "graph_capture_s": sum(g.capture_seconds for g in self._all_graphs()),
             "pages_total": s.num_pages,
         }
 
@@ -297,7 +323,7 @@ class Engine:
             self._abort(request_id, events)
 
         started = time.perf_counter()
-        graphs_before = self._num_graphs() if self.governor is not None else 0
+        graphs_before = self._num_graphs() if self.planner is not None else 0
         drafts = self._propose_drafts()
         plan = self.scheduler.schedule(drafts)
         if plan.preempted:
@@ -315,23 +341,27 @@ class Engine:
                     self.metrics.request_queue_time.observe(now - r.arrival)
             self._tokens_this_step = 0
             self._forward_and_sample(plan, events)
-            if self.governor is not None and self._num_graphs() == graphs_before:  # a capture is no steady cost
-                self._time_decode_step(plan, bool(drafts), time.perf_counter() - started)
+            self._last_step_s = time.perf_counter() - started
+            if self.planner is not None and self._num_graphs() == graphs_before:  # a capture is no steady cost
+                self._time_decode_step(plan, drafts, time.perf_counter() - started)
         self._update_gauges()
         return events
 
-    def _time_decode_step(self, plan: StepPlan, speculated: bool, seconds: float) -> None:
-        """Tell the governor what a decode-only step (no prompt chunk in it) cost and gave."""
+    def _time_decode_step(self, plan: StepPlan, drafts: dict[str, list[int]], seconds: float) -> None:
+        """Tell the planner what a decode-only step (no prompt chunk in it) cost."""
         if not _decode_only(plan):
             return
-        assert self.governor is not None
-        n = len(plan.scheduled)
-        self.governor.record(self._speculation_bucket(n), speculated, seconds, self._tokens_this_step / n)
+        assert self.planner is not None
+        q = 1 + max((len(d) for d in drafts.values()), default=0)
+        self.planner.record(self._speculation_bucket(len(plan.scheduled)), q, seconds)
 
     def _num_graphs(self) -> int:
         """CUDA graphs captured so far, the target's and the draft model's."""
+        return sum(g.num_graphs for g in self._all_graphs())
+
+    def _all_graphs(self) -> list[DecodeGraphs]:
         graphs = [self.decode_graphs, *(getattr(p, "graphs", None) for p in self.proposers.values())]
-        return sum(g.num_graphs for g in graphs if g is not None)
+        return [g for g in graphs if g is not None]
 
     def _speculation_bucket(self, num_decoding: int) -> int:
         """The batch size a decode step of ``num_decoding`` sequences runs at (a graph pads it to its bucket)."""
@@ -437,7 +467,9 @@ class Engine:
             except ValueError as exc:
                 raise RequestError("invalid_request", str(exc)) from exc
             detok = IncrementalDetokenizer(self.tokenizer.tokenizer, prompt + streamed)
-            draft_length = AdaptiveDraftLength(spec.num_tokens) if spec.enabled else None
+            draft_length = (
+                AdaptiveDraftLength(spec.num_tokens, self.acceptance_prior.alpha(spec.method)) if spec.enabled else None
+            )
             r.choices.append(
                 _Choice(req.id, i, seq, sampling, detok, stop, spec, draft_length, finished=i in req.finished_choices)
             )
@@ -461,10 +493,7 @@ class Engine:
         most = self.cfg.speculative_max_step_tokens // rows - 1  # guesses per sequence within the step's budget
         if most < 1:
             return {}
-        wants = any(self._choices[s.seq_id].draft_length is not None for s in decoding)
-        if not wants or (self.governor is not None and not self.governor.should_speculate(rows)):
-            return {}
-        by_method: dict[str, list[DraftRequest]] = {}
+        wanted: list[tuple[Sequence, _Choice, int]] = []
         for seq in decoding:
             c = self._choices[seq.seq_id]
             if c.draft_length is None:
@@ -472,16 +501,38 @@ class Engine:
             # a verification adds the kept guesses plus one token of its own: stay within max_tokens
             k = min(c.draft_length.next_length(), seq.max_tokens - len(seq.output_ids) - 1, most)
             if k > 0:
-                by_method.setdefault(c.spec.method, []).append(
-                    DraftRequest(seq.seq_id, seq.prompt_ids + seq.output_ids, k)
-                )
+                wanted.append((seq, c, k))
         drafts: dict[str, list[int]] = {}
+        if wanted and self.planner is not None:
+            # cheap proposers guess first, so the planner prices guesses in hand rather than hoped-for ones
+            cheap = [w for w in wanted if self.proposers[w[1].spec.method].cheap]
+            self._guess(cheap, drafts)
+            priced = [
+                (functools.partial(c.draft_length.expected_tokens, guessed=True), len(drafts.get(seq.seq_id, ())))
+                if self.proposers[c.spec.method].cheap
+                else (c.draft_length.expected_tokens, k)
+                for seq, c, k in wanted
+            ]
+            sticky = len(cheap) < len(wanted)  # a draft model guesses: switching it on and off costs catch-ups
+            cap = self.planner.choose(rows, [e for e, _ in priced], [k for _, k in priced],
+                                      num_plain=len(decoding) - len(wanted), sticky=sticky)  # fmt: skip
+            drafts = {seq_id: guess[:cap] for seq_id, guess in drafts.items() if cap > 0}
+            dear = [(seq, c, min(k, cap)) for seq, c, k in wanted if not self.proposers[c.spec.method].cheap]
+            wanted = dear if cap > 0 else []
+        self._guess(wanted, drafts)
+        return drafts
+
+    def _guess(self, wanted: list[tuple[Sequence, _Choice, int]], drafts: dict[str, list[int]]) -> None:
+        """Ask each wanted sequence's proposer for up to k guesses; non-empty ones go into ``drafts``."""
+        by_method: dict[str, list[DraftRequest]] = {}
+        for seq, c, k in wanted:
+            by_method.setdefault(c.spec.method, []).append(DraftRequest(seq.seq_id, seq.prompt_ids + seq.output_ids, k))
         for method, requests in by_method.items():
             guesses = self.proposers[method].propose(requests)
             for request, tokens in zip(requests, guesses, strict=True):
+                self._choices[request.seq_id].draft_length.proposed(len(tokens))
                 if tokens:
                     drafts[request.seq_id] = list(tokens[: request.num_tokens])
-        return drafts
 
     def _forget_drafts(self, seq: Sequence) -> None:
         for proposer in self.proposers.values():
@@ -505,6 +556,7 @@ class Engine:
         self.scheduler.discard_draft_pages(c.seq)
         if c.draft_length is not None:
             c.draft_length.update(len(draft), accepted)
+        self.acceptance_prior.update(c.spec.method, len(draft), accepted)
         self.metrics.spec_decode_verified(c.spec.method, len(draft), accepted)
 
     # -- one forward --------------------------------------------------------------------------------------------------
@@ -626,6 +678,7 @@ class Engine:
         self.scheduler.finish(c.seq)
         self._forget_drafts(c.seq)
         del self._choices[c.seq.seq_id]
+        self._freed_slot = True
         with self._cond:
             self._num_live_seqs -= 1
 
@@ -860,3 +913,4 @@ class EngineLoop:
                     self.on_events(events)
                 except Exception:
                     log.exception("delivering %d events failed", len(events))
+            self.engine.linger()

@@ -10,13 +10,14 @@ Proposers here:
   free, and very good on copy-heavy work (quoting, code edits, extraction).
 
 ``AdaptiveDraftLength`` keeps each sequence's k in line with how often its guesses are accepted, and switches
-speculation off for a sequence while it does not pay.
+speculation off for a sequence while it does not pay; ``SpeculationPlanner`` caps the whole batch's guesses (down to
+none) by what steps with and without them measurably cost at the current batch size.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,7 @@ class Proposer(ABC):
     """Guesses the next tokens of many sequences at once (one call per engine step)."""
 
     method: str
+    cheap: bool = False  # guessing costs next to nothing: the engine guesses before deciding how many to verify
 
     @abstractmethod
     def propose(self, requests: list[DraftRequest]) -> list[list[int]]:
@@ -50,6 +52,7 @@ class NgramProposer(Proposer):
     ``min_ngram``, latest occurrence first) and propose what followed them there."""
 
     method = "ngram"
+    cheap = True
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
         if not 1 <= min_ngram <= max_ngram:
@@ -101,12 +104,27 @@ def resolve_request(
     return SpecRequest(method, num_tokens)
 
 
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens one verification of ``k`` guesses yields when each guess is right with probability ``alpha`` (given
+    the ones before it were): the run of kept guesses plus the target's own token."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
 class AdaptiveDraftLength:
     """One sequence's draft length, following an exponential moving average of its acceptance rate.
 
     High acceptance grows k towards the request's maximum, low acceptance shrinks it; when even one guessed token is
     rarely right, speculation pauses for ``cooldown`` steps (the verify rows cost compute for nothing), then probes
     again with one token.
+
+    It also keeps what the batch-level ``SpeculationPlanner`` needs to price this sequence's guesses: ``alpha``, the
+    chance that a guess is right given the ones before it were (moving sums of kept guesses over kept guesses plus
+    rejections: the estimate for a run that stops at the first miss), and ``hit_rate``, how often the proposer had
+    anything to offer (n-gram lookup often has nothing).
     """
 
     SMOOTHING = 0.3  # weight of the newest verification
@@ -115,11 +133,19 @@ class AdaptiveDraftLength:
     PAUSE_BELOW = 0.15
     COOLDOWN_STEPS = 16
 
-    def __init__(self, max_tokens: int) -> None:
+    def __init__(self, max_tokens: int, prior_alpha: float = 0.5) -> None:
         self.max_tokens = max_tokens
         self.num_tokens = max_tokens
         self.acceptance = 0.5  # neutral start: neither grow nor shrink on no evidence
         self.paused_steps = 0
+        # alpha starts where this method's sequences have been (AcceptancePrior): a pessimistic start would have the
+        # planner verify no guesses, and a sequence that never guesses never shows what it could do
+        self._kept, self._trials = prior_alpha, 1.0
+        self.hit_rate = 1.0
+
+    @property
+    def alpha(self) -> float:
+        return self._kept / self._trials
 
     def next_length(self) -> int:
         """How many tokens to ask the proposer for this step (0: not speculating now)."""
@@ -128,10 +154,23 @@ class AdaptiveDraftLength:
             return 0
         return self.num_tokens
 
+    def expected_tokens(self, k: int, guessed: bool = False) -> float:
+        """What asking for ``k`` guesses is expected to yield this step, the target's own token included;
+        ``guessed``: the ``k`` guesses are already in hand (a cheap proposer was asked first)."""
+        hit = 1.0 if guessed else self.hit_rate
+        return 1.0 + hit * (expected_tokens(self.alpha, k) - 1.0)
+
+    def proposed(self, num_tokens: int) -> None:
+        """The proposer, asked for guesses, offered ``num_tokens``."""
+        self.hit_rate = self.SMOOTHING * (num_tokens > 0) + (1 - self.SMOOTHING) * self.hit_rate
+
     def update(self, proposed: int, accepted: int) -> None:
         """After verifying ``proposed`` guessed tokens, of which the first ``accepted`` were kept."""
         if proposed < 1:
             return
+        trials = accepted + (accepted < proposed)  # each kept guess, and the miss that ended the run (if any)
+        self._kept = self.SMOOTHING * accepted + (1 - self.SMOOTHING) * self._kept
+        self._trials = self.SMOOTHING * trials + (1 - self.SMOOTHING) * self._trials
         rate = accepted / proposed
         self.acceptance = self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.acceptance
         if self.acceptance < self.PAUSE_BELOW:
@@ -143,49 +182,115 @@ class AdaptiveDraftLength:
             self.num_tokens = min(self.max_tokens, self.num_tokens + 1)
 
 
-class SpeculationGovernor:
-    """Speculate only where it has paid, by measurement: whether guessing beats plain decoding depends on the model,
-    the device, the batch size and the acceptance, so the engine times both.
+class AcceptancePrior:
+    """Per proposer method, how often its guesses have been right across all sequences (a slow moving average of
+    the same kept / (kept + misses) estimate as ``AdaptiveDraftLength.alpha``): where a new sequence starts."""
 
-    Per batch size (bucketed by the caller), it keeps moving averages of a decode step's seconds with guesses and
-    without, and of the tokens a guessing step yields per sequence. It speculates while either is unmeasured, then
-    whenever ``tokens / seconds`` with guesses beats ``1 / seconds`` without; every ``PROBE_EVERY`` decisions at a
-    batch size it takes the other choice for ``PROBE_STEPS`` steps, so a change in acceptance or load is noticed.
-    The first guessing step after plain ones is not timed: a draft model catches up on everything it missed there,
-    a cost that steady speculation does not pay again.
+    SMOOTHING = 0.02
+
+    def __init__(self) -> None:
+        self._kept: dict[str, float] = {}
+        self._trials: dict[str, float] = {}
+
+    def alpha(self, method: str) -> float:
+        return self._kept[method] / self._trials[method] if method in self._trials else 0.5
+
+    def update(self, method: str, proposed: int, accepted: int) -> None:
+        if proposed < 1:
+            return
+        trials = accepted + (accepted < proposed)
+        old_kept, old_trials = self._kept.get(method, 0.5), self._trials.get(method, 1.0)
+        self._kept[method] = self.SMOOTHING * accepted + (1 - self.SMOOTHING) * old_kept
+        self._trials[method] = self.SMOOTHING * trials + (1 - self.SMOOTHING) * old_trials
+
+
+class SpeculationPlanner:
+    """How many guesses the batch may verify this step, chosen by measured cost.
+
+    Whether guessing pays depends on the model, the device, the batch size and each sequence's acceptance, so the
+    planner measures rather than assumes. It keeps, per batch size (bucketed by the caller) and per tokens fed per
+    sequence ``q`` (1 without guesses, k + 1 with k), a moving average of a decode step's seconds, proposing and
+    verifying included. For each cap k on the guesses it prices the step as the tokens the sequences are expected
+    to keep (``AdaptiveDraftLength.expected_tokens``) over the seconds of a step at ``q = k + 1``, and picks the cap
+    with the most tokens per second: 0 switches speculation off for the batch.
+
+    Shapes never timed are tried first (each until it has ``MIN_SAMPLES`` timings, or was chosen ``MIN_SAMPLES``
+    times: short proposals may never fill it); a shape is priced at the least time measured for it or any larger
+    one. With a draft model among the guessers a choice holds for ``HOLD_STEPS`` decisions.
+    Every ``PROBE_EVERY`` decisions at a batch size it takes the runner-up for ``PROBE_STEPS`` steps, so a choice
+    whose timing went stale gets measured again. The first guessing step after a plain one is not timed: a draft
+    model catches up there on every token it missed, a cost steady guessing does not pay again.
     """
 
     SMOOTHING = 0.25
-    PROBE_EVERY = 32
-    PROBE_STEPS = 2  # a guessing probe needs two steps: the first is not timed
+    MIN_SAMPLES = 2
+    PROBE_EVERY = 48
+    PROBE_STEPS = 2  # a probe of guessing needs two steps: the first is not timed
+    HOLD_STEPS = 16  # with a draft model guessing, a choice holds this many decisions (see choose)
 
     def __init__(self) -> None:
-        self._plain_s: dict[int, float] = {}
-        self._spec_s: dict[int, float] = {}
-        self._spec_tokens: dict[int, float] = {}  # tokens per sequence of a guessing step
+        self._seconds: dict[tuple[int, int], float] = {}  # (bucket, q) -> moving average of a step's seconds
+        self._samples: dict[tuple[int, int], int] = {}
+        self._chosen: dict[tuple[int, int], int] = {}  # times a cap of q - 1 was chosen
         self._decisions: dict[int, int] = {}
-        self._last_speculated: dict[int, bool] = {}
+        self._last_q: dict[int, int] = {}
+        self._held: dict[int, tuple[int, int]] = {}  # bucket -> (cap, decisions it still holds for)
+        self.trace: list[tuple] | None = None  # a benchmark sets a list: (why, bucket, cap, {cap: tokens/s}) per choice
 
-    def should_speculate(self, bucket: int) -> bool:
+    def choose(self, bucket: int, expected: Sequence[Callable[[int], float]], lengths: Sequence[int],
+               num_plain: int, sticky: bool = False) -> int:
+        """The cap on guesses per sequence for a step of ``bucket`` rows in which some sequences would guess up to
+        ``lengths`` tokens each, expecting ``expected[i](k)`` tokens from a verification of k guesses, and
+        ``num_plain`` sequences decode one token whatever is chosen. ``sticky``: a proposer with state of its own
+        (a draft model) guesses here; a choice then holds for ``HOLD_STEPS`` decisions, because a draft model left
+        idle must catch up on every token it skipped when guessing resumes, a cost no single step shows."""
+        most = max(lengths, default=0)
+        if most < 1:
+            return 0
         n = self._decisions[bucket] = self._decisions.get(bucket, 0) + 1
-        if bucket not in self._spec_s:
-            return True
-        if bucket not in self._plain_s:
-            return False
-        pays = self._spec_tokens[bucket] / self._spec_s[bucket] > 1.0 / self._plain_s[bucket]
-        return pays != (n % self.PROBE_EVERY < self.PROBE_STEPS)
+        held = self._held.get(bucket)
+        if sticky and held is not None and held[1] > 0:
+            self._held[bucket] = (held[0], held[1] - 1)
+            return min(held[0], most)
+        for cap in range(most, -1, -1):  # untimed shapes first, the most guesses first
+            key = (bucket, cap + 1)
+            if self._samples.get(key, 0) < self.MIN_SAMPLES and self._chosen.get(key, 0) < self.MIN_SAMPLES:
+                self._chosen[key] = self._chosen.get(key, 0) + 1
+                if self.trace is not None:
+                    self.trace.append(("explore", bucket, cap, {}))
+                return cap
+        rates = {}
+        for cap in range(most + 1):
+            tokens = num_plain + sum(e(min(cap, k)) for e, k in zip(expected, lengths, strict=True))
+            rates[cap] = tokens / max(self.seconds(bucket, cap + 1), 1e-9)
+        ranked = sorted(rates, key=rates.__getitem__, reverse=True)
+        probe = len(ranked) > 1 and n % self.PROBE_EVERY < self.PROBE_STEPS
+        chosen = ranked[int(probe)]
+        if sticky and not probe:
+            self._held[bucket] = (chosen, self.HOLD_STEPS - 1)
+        if self.trace is not None:
+            self.trace.append(("probe" if probe else "best", bucket, chosen, rates))
+        return chosen
 
-    def record(self, bucket: int, speculated: bool, seconds: float, tokens_per_seq: float) -> None:
-        """A decode-only step at ``bucket`` took ``seconds`` and gave each sequence ``tokens_per_seq`` tokens."""
-        resumed = speculated and not self._last_speculated.get(bucket, False)
-        self._last_speculated[bucket] = speculated
+    def seconds(self, bucket: int, q: int) -> float:
+        """The seconds of a decode step of ``bucket`` rows feeding ``q`` tokens per sequence: the least measured at
+        ``q`` or more (feeding fewer tokens never costs more; this also keeps one slow outlier from blocking a
+        shape), priced from the timed shapes below it when none above is timed; 0.0 when nothing at that batch size
+        is timed yet."""
+        timed = sorted(tq for b, tq in self._seconds if b == bucket)
+        above = [self._seconds[(bucket, tq)] for tq in timed if tq >= q]
+        if above:
+            return min(above)
+        below = [tq for tq in timed if tq < q]
+        return self._seconds[(bucket, below[-1])] if below else 0.0
+
+    def record(self, bucket: int, q: int, seconds: float) -> None:
+        """A decode-only step of ``bucket`` rows fed ``q`` tokens per sequence (1 + its most guesses) in ``seconds``."""
+        resumed = q > 1 and self._last_q.get(bucket, 1) == 1
+        self._last_q[bucket] = q
         if resumed:
             return  # it paid a draft model's catch-up on the steps it skipped
-        if speculated:
-            self._spec_s[bucket] = self._average(self._spec_s.get(bucket), seconds)
-            self._spec_tokens[bucket] = self._average(self._spec_tokens.get(bucket), tokens_per_seq)
-        else:
-            self._plain_s[bucket] = self._average(self._plain_s.get(bucket), seconds)
-
-    def _average(self, old: float | None, new: float) -> float:
-        return new if old is None else self.SMOOTHING * new + (1 - self.SMOOTHING) * old
+        key = (bucket, q)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else self.SMOOTHING * seconds + (1 - self.SMOOTHING) * old
+        self._samples[key] = self._samples.get(key, 0) + 1

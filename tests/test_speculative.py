@@ -3,6 +3,8 @@ sees (greedy tokens, stops, logprobs), keep the sampling distribution, and leave
 
 from __future__ import annotations
 
+import random
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -15,11 +17,13 @@ from inference_worker.loader import load_model
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.scheduler import Scheduler, Sequence
 from inference_worker.speculative import (
+    AcceptancePrior,
     AdaptiveDraftLength,
     DraftRequest,
     NgramProposer,
     Proposer,
-    SpeculationGovernor,
+    SpeculationPlanner,
+    expected_tokens,
 )
 from shared.tokenizer import ModelTokenizer
 from shared.wire import GenerationRequest, SamplingParams
@@ -239,26 +243,114 @@ def test_guesses_are_cut_to_the_steps_token_budget(loaded) -> None:  # noqa: F81
     assert max(k for _, k in asked) > 3  # alone, the budget leaves room for more
 
 
-def test_the_governor_speculates_only_where_guessing_has_paid() -> None:
-    gov = SpeculationGovernor()
-    assert gov.should_speculate(8)  # nothing measured: try guessing
-    gov.record(8, True, seconds=0.500, tokens_per_seq=1.0)  # the first guessing step (a draft's catch-up): not timed
-    assert gov.should_speculate(8)
-    gov.record(8, True, seconds=0.030, tokens_per_seq=2.0)
-    assert not gov.should_speculate(8)  # now measure a plain step
-    gov.record(8, False, seconds=0.010, tokens_per_seq=1.0)
-    decisions = [gov.should_speculate(8) for _ in range(2 * gov.PROBE_EVERY)]
-    # 2 tokens / 30 ms lose to 1 token / 10 ms: only the periodic two-step probes guess
-    assert decisions.count(True) == 2 * gov.PROBE_STEPS
-    gov.record(8, True, seconds=0.012, tokens_per_seq=3.0)  # acceptance rose: guessing now pays
-    for _ in range(10):
-        gov.record(8, True, seconds=0.012, tokens_per_seq=3.0)
-    decisions = [gov.should_speculate(8) for _ in range(2 * gov.PROBE_EVERY)]
-    assert decisions.count(False) == 2 * gov.PROBE_STEPS  # guessing, but still probing plain steps now and then
-    assert gov.should_speculate(1)  # every batch size is judged on its own
+def test_expected_tokens_of_a_verification() -> None:
+    assert expected_tokens(0.5, 0) == 1.0 and expected_tokens(1.0, 4) == 5.0 and expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)  # the target's token, then each run of hits
+    assert expected_tokens(0.8, 4) == pytest.approx(sum(0.8**i for i in range(5)))
 
 
-def test_an_engine_governed_by_cost_still_gives_greedy_output(loaded) -> None:  # noqa: F811
+def test_the_draft_length_estimates_the_chance_of_each_guess() -> None:
+    rng = random.Random(0)
+    for alpha in (0.3, 0.8):
+        dl = AdaptiveDraftLength(4)
+        estimates = []
+        for _ in range(400):
+            k = max(1, dl.num_tokens)
+            accepted = next((i for i in range(k) if rng.random() >= alpha), k)  # a run ends at its first miss
+            dl.update(k, accepted)
+            dl.paused_steps = 0  # keep verifying: the estimate is under test, not the pause
+            estimates.append(dl.alpha)
+        assert sum(estimates[100:]) / 300 == pytest.approx(alpha, abs=0.07)
+    dl = AdaptiveDraftLength(4)
+    for _ in range(20):
+        dl.proposed(0)  # the proposer keeps having nothing: its guesses are worth little whatever alpha is
+    assert dl.hit_rate < 0.01 and dl.expected_tokens(4) == pytest.approx(1.0, abs=0.05)
+    assert dl.expected_tokens(4, guessed=True) == expected_tokens(dl.alpha, 4)  # guesses in hand: no doubt left
+
+
+def test_new_sequences_start_from_their_methods_record() -> None:
+    prior = AcceptancePrior()
+    assert prior.alpha("draft") == 0.5  # nothing seen yet
+    for _ in range(300):
+        prior.update("draft", 4, 4)  # every guess kept
+        prior.update("ngram", 4, 0)  # every first guess wrong
+    assert prior.alpha("draft") > 0.95 and prior.alpha("ngram") < 0.05
+    assert AdaptiveDraftLength(4, prior.alpha("draft")).alpha == prior.alpha("draft")
+
+
+def explored(planner: SpeculationPlanner, bucket: int, seconds: Callable[[int], float], seqs, lengths) -> None:
+    """Let ``planner`` try every shape at ``bucket`` once over, each step timed by ``seconds(q)``."""
+    for _ in range(4 * (max(lengths) + 1)):
+        cap = planner.choose(bucket, [s.expected_tokens for s in seqs], lengths, num_plain=0)
+        planner.record(bucket, cap + 1, seconds(cap + 1))
+
+
+def decisions(planner: SpeculationPlanner, bucket: int, seqs, lengths, steps: int) -> Counter:
+    expected = [s.expected_tokens for s in seqs]
+    return Counter(planner.choose(bucket, expected, lengths, num_plain=0) for _ in range(steps))
+
+
+def sequences(alpha: float, n: int) -> list[AdaptiveDraftLength]:
+    return [AdaptiveDraftLength(4, prior_alpha=alpha) for _ in range(n)]
+
+
+def test_the_planner_guesses_most_where_verifying_is_nearly_free() -> None:
+    planner = SpeculationPlanner()
+    seqs = sequences(0.8, 2)
+    explored(planner, 2, lambda q: 0.010 + 0.0005 * q, seqs, [4, 4])  # memory-bound: more rows cost little
+    got = decisions(planner, 2, seqs, [4, 4], 2 * planner.PROBE_EVERY)
+    assert got.most_common(1)[0][0] == 4 and got[4] >= 2 * planner.PROBE_EVERY - 2 * planner.PROBE_STEPS
+
+
+def test_the_planner_switches_guessing_off_where_it_does_not_pay() -> None:
+    planner = SpeculationPlanner()
+    seqs = sequences(0.45, 8)
+    explored(planner, 8, lambda q: 0.010 * q, seqs, [3] * 8)  # compute-bound: each guessed row costs a full token
+    got = decisions(planner, 8, seqs, [3] * 8, 2 * planner.PROBE_EVERY)
+    assert got[0] >= 2 * planner.PROBE_EVERY - 2 * planner.PROBE_STEPS  # off, but for the periodic probes
+    # the same sequences at batch 1, where a step costs the same whatever it feeds: guess
+    explored(planner, 1, lambda q: 0.010, seqs[:1], [3])
+    assert decisions(planner, 1, seqs[:1], [3], 10).most_common(1)[0][0] == 3
+
+
+def test_the_planner_picks_the_cap_between_the_extremes_when_that_is_best() -> None:
+    planner = SpeculationPlanner()
+    seqs = sequences(0.6, 4)
+    # a step is cheap up to 2 guesses per sequence (the fused kernel's rows), then every row costs
+    explored(planner, 4, lambda q: 0.010 if q <= 3 else 0.010 * (q - 1), seqs, [4] * 4)
+    assert decisions(planner, 4, seqs, [4] * 4, 10).most_common(1)[0][0] == 2
+
+
+def test_the_planner_prices_a_shape_at_the_least_time_of_it_or_any_larger_one() -> None:
+    planner = SpeculationPlanner()
+    assert planner.seconds(4, 3) == 0.0  # nothing timed at this batch size
+    planner.record(4, 1, 0.010)
+    planner.record(4, 5, 0.030)  # right after a plain step: a draft's catch-up, not timed
+    assert planner.seconds(4, 5) == 0.010  # nothing at 5 or above: priced from below
+    planner.record(4, 5, 0.030)
+    assert planner.seconds(4, 3) == 0.030 and planner.seconds(4, 1) == 0.010
+    planner.record(4, 2, 0.500)  # one slow outlier at q = 2 ...
+    assert planner.seconds(4, 2) == 0.030  # ... does not make 2 dearer than 5
+    planner.record(4, 5, 0.050)
+    assert 0.030 < planner.seconds(4, 5) < 0.050  # a moving average
+
+
+def test_with_a_draft_model_the_planner_holds_its_choice() -> None:
+    planner = SpeculationPlanner()
+    seqs = sequences(0.9, 2)
+    expected = [s.expected_tokens for s in seqs]
+    explored(planner, 2, lambda q: 0.010, seqs, [4, 4])  # guessing is free: the best is the most guesses
+    assert planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) == 4
+    for s in seqs:
+        s._kept = 0.0  # every guess now wrong: the best is none ...
+    held = [planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) for _ in range(planner.HOLD_STEPS - 1)]
+    assert held == [4] * (planner.HOLD_STEPS - 1)  # ... but a draft model's choice holds a while
+    after = [planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) for _ in range(3)]
+    assert 0 in after
+    assert planner.choose(2, expected, [4, 4], num_plain=0) in (0, 1, 2, 3)  # n-gram only: decided every step
+
+
+def test_an_engine_planning_by_cost_still_gives_greedy_output(loaded) -> None:  # noqa: F811
     prompt = loaded[2].tokenizer.encode("one two three one two three one two three one two").ids
     reqs = [GenerationRequest(f"g{i}", "m", prompt, greedy(16)) for i in range(3)]
     expected = run(make_engine(loaded), reqs)
@@ -267,7 +359,31 @@ def test_an_engine_governed_by_cost_still_gives_greedy_output(loaded) -> None:  
     got = run(engine, copy_of(reqs))
     for req in reqs:
         assert tokens_of(got[req.id]) == tokens_of(expected[req.id])
-    assert engine.governor is not None and spec_counter(registry, "num_drafts", "ngram") > 0  # it tried guessing
+    assert engine.planner is not None and spec_counter(registry, "num_drafts", "ngram") > 0  # it tried guessing
+
+
+def test_an_engine_planning_by_cost_stops_asking_a_slow_draft(loaded) -> None:  # noqa: F811
+    prompt = loaded[2].tokenizer.encode("The weather today is").ids
+    truth = tokens_of(run(make_engine(loaded), [GenerationRequest("t", "m", prompt, greedy(64))])["t"])
+    calls: list[int] = []
+
+    def slow_half_right(seq_id: str, ids: list[int], k: int) -> list[int]:
+        calls.append(k)
+        time.sleep(0.2)  # far dearer than a decode step of this model, even on a busy machine
+        at = len(ids) - len(prompt)
+        return ([truth[at]] + [7] * (k - 1))[:k]  # the first guess right, the rest wrong: acceptance stays 1 in 2
+
+    params = greedy(64, speculative={"method": "draft", "num_tokens": 2})
+    for by_cost in (False, True):
+        calls.clear()
+        engine = spec_engine(loaded, CollectorRegistry(), ScriptedProposer(slow_half_right),
+                             speculative_by_cost=by_cost, speculative_tokens=2)  # fmt: skip
+        got = run(engine, [GenerationRequest("slow", "m", prompt, params)])
+        assert tokens_of(got["slow"]) == truth
+        if not by_cost:
+            assert len(calls) >= 25  # the draft-length controller alone keeps asking (half its guesses are right)
+    # the planner tries each shape a couple of times, then only probes
+    assert 0 < len(calls) <= 14, calls
 
 
 def test_speculative_field_survives_the_wire_and_old_requests_default_to_none() -> None:

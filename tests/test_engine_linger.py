@@ -1,0 +1,68 @@
+"""Engine.linger: after a step that ended a sequence, the engine gives the freed slot's successor a moment to arrive
+(bounded by the setting and by a fraction of a step), and returns the moment it does."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from inference_worker.engine import ADMIT_LINGER_STEP_FRACTION, Engine
+from shared.wire import GenerationRequest
+from tests.test_engine import greedy, loaded, make_engine  # noqa: F401
+
+
+def one_ended_one_running(engine: Engine, prompt: list[int]) -> None:
+    """Step until the short request has ended while the long one still runs."""
+    engine.add_request(GenerationRequest("short", "m", prompt, greedy(2)))
+    engine.add_request(GenerationRequest("long", "m", prompt, greedy(40)))
+    for _ in range(50):
+        events = engine.step()
+        if any(rid == "short" and ev["type"] == "done" for rid, ev in events):
+            return
+    raise AssertionError("the short request did not end")
+
+
+def test_linger_returns_when_the_successor_arrives(loaded) -> None:  # noqa: F811
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    one_ended_one_running(engine, prompt)
+    engine._last_step_s = 100.0  # the fraction of a step is no limit here: the setting is
+    timer = threading.Timer(0.05, engine.add_request, [GenerationRequest("next", "m", prompt, greedy(2))])
+    started = time.monotonic()
+    timer.start()
+    engine.linger()
+    waited = time.monotonic() - started
+    timer.join()
+    assert 0.04 <= waited < 2.0, waited  # woke by the arrival, far before the 5 s limit
+    assert [r.id for r in engine._inbox] == ["next"]
+
+
+def test_linger_waits_at_most_a_fraction_of_a_step(loaded) -> None:  # noqa: F811
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
+    engine._last_step_s = 2.0
+    started = time.monotonic()
+    engine.linger()  # nobody comes
+    waited = time.monotonic() - started
+    assert 0.5 * ADMIT_LINGER_STEP_FRACTION * 2.0 <= waited < 1.0, waited
+    started = time.monotonic()
+    engine.linger()  # no sequence ended since the last linger: no wait at all
+    assert time.monotonic() - started < 0.05
+
+
+def test_linger_is_off_at_zero_and_when_nothing_else_runs(loaded) -> None:  # noqa: F811
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    engine = make_engine(loaded, admit_linger_s=0.0)
+    one_ended_one_running(engine, prompt)
+    engine._last_step_s = 100.0
+    started = time.monotonic()
+    engine.linger()
+    assert time.monotonic() - started < 0.05
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    engine.add_request(GenerationRequest("alone", "m", prompt, greedy(2)))
+    while engine.has_work():
+        engine.step()
+    engine._last_step_s = 100.0
+    started = time.monotonic()
+    engine.linger()  # the batch is empty: the loop sleeps until a request comes anyway
+    assert time.monotonic() - started < 0.05
