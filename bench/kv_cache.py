@@ -1,14 +1,17 @@
 """Check and time the paged, quantized KV cache on one CUDA GPU (Llama-3-8B attention shapes, bf16).
 
     python bench/kv_cache.py [--quick] [--sweep] [--no-e2e] [--only SECTION,...] [--model DIR] [--out DIR]
+                             [--formats F,...] [--block-n N,...] [--warps W,...] [--stages S,...]
+                             [--targets T,...] [--word-loads 1,0]
 
 1. Ceiling: device-to-device copy bandwidth (bytes read + written), measured in this run.
 2. Memory per token of an 8B-shaped model (32 layers, 8 kv heads of 128) at fp16, K8/V8, K4/V4 and more.
 3. Correctness at real sizes, from memory poisoned with NaN: the fused append kernel against the torch reference
    (codes and scales), decode and chunked-prefill attention against the float32 torch reference, fp16 and quantized.
 4. Decode attention over 32K tokens x 16 sequences: fp16 vs K8/V8 vs K4/V4 (and K4/V4 with per-value gathers): time,
-   K/V bytes read per second against the copy bandwidth, speed-up over fp16. --sweep also tries tile sizes, warps,
-   stages and split targets and reports the best of each format.
+   K/V bytes read per second against the copy bandwidth, speed-up over fp16. --formats picks other formats (e.g.
+   K3/V3, K4/V8). --sweep also times every combination of --block-n, --warps, --stages, --targets (split targets;
+   'none': the default) and, for quantized formats, --word-loads, and reports the best of each format.
 5. The append step (quantize + store) for 16 decode tokens and a 2048-token prefill chunk.
 6. Chunked prefill: a 2048-token chunk over 30K cached tokens, fp16 vs K4/V4, in TFLOP/s.
 7. Long context: one 128K-token sequence, decode and its last 2048-token chunk, fp16 vs K4/V4.
@@ -29,6 +32,8 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
 from pathlib import Path
 
 import torch
@@ -38,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from inference_worker.attention import paged_attention as reference_attention  # noqa: E402
-from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token  # noqa: E402
+from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits  # noqa: E402
 from kernels import kv_quant, kv_quant_ref  # noqa: E402
 from kernels.paged_attention import (  # noqa: E402
     AttentionConfig,
@@ -52,6 +57,39 @@ HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32  # Llama-3-8B
 DTYPE = torch.bfloat16
 PAGE_SIZE = 16
 FORMATS = {"fp16": (None, None), "K8/V8": (8, 8), "K4/V4": (4, 4)}
+
+
+def parse_formats(text: str) -> dict[str, KVBits]:
+    """'fp16,K4/V4,K4/Vfp16' -> {name: (key bits, value bits)}: each fp16 or K<bits>/V<bits>."""
+    formats = {}
+    for name in text.split(","):
+        k, _, v = name.partition("/")
+        if name != "fp16" and not (k.startswith("K") and v.startswith("V")):
+            raise ValueError(f"a format is fp16 or K<bits>/V<bits>, got {name!r}")
+        formats[name] = (None, None) if name == "fp16" else parse_kv_bits(f"{k[1:]},{v[1:]}")
+    return formats
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+@dataclass
+class SweepGrid:
+    """The decode configurations --sweep times: every combination (word loads only matter for quantized pages)."""
+
+    block_n: list[int]
+    warps: list[int]
+    stages: list[int]
+    targets: list[int | None]
+    word_loads: list[bool]
+
+    def configs(self, quantized: bool) -> list[AttentionConfig]:
+        word_loads = self.word_loads if quantized else [True]
+        return [
+            AttentionConfig(block_n=n, num_warps=w, num_stages=st, target_programs=t, word_loads=wl)
+            for n, w, st, t, wl in product(self.block_n, self.warps, self.stages, self.targets, word_loads)
+        ]
 
 
 def poison(numel: int) -> None:
@@ -154,7 +192,7 @@ def correctness(res: dict, gen: torch.Generator) -> None:
         "decode": [(4095, 1), (1000, 1), (3000, 1), (17, 1)],
         "prefill": [(3584, 512), (0, 700), (2047, 1), (100, 1)],
     }
-    for fmt, bits in [*FORMATS.items(), ("K4/V8", (4, 8)), ("K2/V4", (2, 4))]:
+    for fmt, bits in [*FORMATS.items(), ("K4/V8", (4, 8)), ("K2/V4", (2, 4)), ("K3/V5", (3, 5)), ("K6/V7", (6, 7))]:
         for case, shapes in cases.items():
             ctx = [c + n for c, n in shapes]
             cache = filled_cache(bits, ctx, gen)
@@ -171,23 +209,34 @@ def correctness(res: dict, gen: torch.Generator) -> None:
     torch.cuda.empty_cache()
 
 
-def decode(res: dict, gen: torch.Generator, seqs: int, ctx: int, sweep: bool) -> None:
+def sweep_key(fmt: str, cfg: AttentionConfig) -> str:
+    gather = "" if cfg.word_loads or fmt == "fp16" else "/gather"
+    return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{gather}"
+
+
+def decode(
+    res: dict, gen: torch.Generator, seqs: int, ctx: int, formats: dict[str, KVBits], sweep: SweepGrid | None
+) -> None:
     out = res.setdefault("decode", {})
     lens = ([1] * seqs, [ctx] * seqs)
-    variants = [(fmt, bits, AttentionConfig(), PAGE_SIZE) for fmt, bits in FORMATS.items()]
-    variants.append(("K4/V4 gather", (4, 4), AttentionConfig(word_loads=False), PAGE_SIZE))
-    variants += [(f"{fmt} page 256", bits, AttentionConfig(), 256) for fmt, bits in FORMATS.items() if fmt != "K8/V8"]
-    if sweep:
-        for fmt, bits in FORMATS.items():
-            for block_n in (32, 64, 128):
-                for warps, stages in ((4, 2), (4, 3), (8, 3), (4, 4)):
-                    for target in (None, 1024):
-                        cfg = AttentionConfig(
-                            block_n=block_n, num_warps=warps, num_stages=stages, target_programs=target
-                        )
-                        variants.append((f"{fmt} sweep", bits, cfg, PAGE_SIZE))
+    variants = [(fmt, fmt, bits, AttentionConfig(), PAGE_SIZE) for fmt, bits in formats.items()]
+    variants += [  # per-value word gathers instead of split words (the same for 3, 5, 6 and 7 bits)
+        (f"{fmt} gather", fmt, bits, AttentionConfig(word_loads=False), PAGE_SIZE)
+        for fmt, bits in formats.items()
+        if any(b is not None and 32 % b == 0 for b in bits)
+    ]
+    paged_256 = [fmt for fmt in ("fp16", "K4/V4") if fmt in formats]
+    variants += [(f"{fmt} page 256", fmt, formats[fmt], AttentionConfig(), 256) for fmt in paged_256]
+    if sweep is not None:
+        for fmt, bits in formats.items():
+            quantized = bits != (None, None)
+            variants += [(sweep_key(fmt, cfg), fmt, bits, cfg, PAGE_SIZE) for cfg in sweep.configs(quantized)]
+    first_use: dict = {}  # run the variants of each cache together: it is filled once
+    for _, _, bits, _, page_size in variants:
+        first_use.setdefault((bits, page_size), len(first_use))
+    variants.sort(key=lambda v: first_use[v[2], v[4]])
     caches: dict = {}
-    for fmt, bits, cfg, page_size in variants:
+    for key, fmt, bits, cfg, page_size in variants:
         if (bits, page_size) not in caches:
             caches.clear()
             torch.cuda.empty_cache()
@@ -199,25 +248,21 @@ def decode(res: dict, gen: torch.Generator, seqs: int, ctx: int, sweep: bool) ->
         try:
             ms = time_attention(q, cache, tables, *lens, plan=plan, config=cfg)
         except Exception as exc:  # a sweep config that does not compile (shared memory) is just skipped
-            print(f"  {fmt} {cfg}: {type(exc).__name__}", flush=True)
+            print(f"  {key} {cfg}: {type(exc).__name__}: {str(exc).strip()[:300]}", flush=True)
             continue
         nbytes = attention_bytes(cache.k[0], cache.v[0], lens[1])
         row = {"ms": ms, "GBps": nbytes / ms / 1e6, "MB_read": nbytes / 1e6, "splits": plan.num_splits,
                "config": repr(cfg)}  # fmt: skip
         row["of_copy"] = row["GBps"] / res["copy_GBps"]
-        key = (
-            fmt
-            if "sweep" not in fmt
-            else f"{fmt} {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}"
-        )
         out[key] = row
         best = out.setdefault("best", {})
-        base = fmt.replace(" sweep", "")
-        if base in FORMATS and (base not in best or ms < best[base]["ms"]):
-            best[base] = row
+        if page_size == PAGE_SIZE and (fmt not in best or ms < best[fmt]["ms"]):
+            best[fmt] = row
         print(f"decode {key}: {ms * 1000:.0f} us, {row['GBps']:.0f} GB/s ({row['of_copy']:.0%} of copy)", flush=True)
     caches.clear()
     torch.cuda.empty_cache()
+    if "fp16" not in out:
+        return
     fp16 = out["fp16"]["ms"]
     for key, row in out.items():
         if key != "best":
@@ -368,7 +413,7 @@ def table(res: dict) -> str:
         lines.append(f"decode attention, {res['decode_shape']}, page {PAGE_SIZE} unless named:")
         lines.append(f"  {'format':18} {'us':>8} {'GB/s':>7} {'of copy':>8} {'vs fp16':>8}")
         for fmt, row in rows.items():
-            speedup = row["speedup_vs_fp16"]
+            speedup = row.get("speedup_vs_fp16", float("nan"))
             lines.append(f"  {fmt:18} {row['ms'] * 1000:8.0f} {row['GBps']:7.0f} {row['of_copy']:8.0%} {speedup:7.2f}x")
     for name in ("prefill_32k", "long_128k"):
         for fmt, row in res.get(name, {}).items():
@@ -406,7 +451,21 @@ def main() -> int:
     parser.add_argument("--only", help="comma-separated sections to run (names as in the JSON's section_seconds)")
     parser.add_argument("--model", type=Path, help="a model directory for the KL table (e.g. the default model)")
     parser.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
+    knobs = parser.add_argument_group("decode formats and the --sweep grid (comma-separated lists)")
+    knobs.add_argument("--formats", type=parse_formats, default=FORMATS, help="decode formats: fp16 or K<b>/V<b>")
+    knobs.add_argument("--block-n", type=int_list, default=[32, 64, 128], help="keys per tile")
+    knobs.add_argument("--warps", type=int_list, default=[4, 8])
+    knobs.add_argument("--stages", type=int_list, default=[2, 3])
+    knobs.add_argument("--targets", default="none,1024", help="split targets in programs; none: 4 per SM")
+    knobs.add_argument("--word-loads", default="1", help="quantized pages: 1 split words, 0 per-value gathers")
     args = parser.parse_args()
+    grid = SweepGrid(
+        block_n=args.block_n,
+        warps=args.warps,
+        stages=args.stages,
+        targets=[None if t == "none" else int(t) for t in args.targets.split(",")],
+        word_loads=[w == "1" for w in args.word_loads.split(",")],
+    )
     if not torch.cuda.is_available():
         print("bench/kv_cache.py needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -426,7 +485,7 @@ def main() -> int:
         ("ceiling", lambda: ceiling(res)),
         ("memory", lambda: memory(res)),
         ("correctness", lambda: correctness(res, gen)),
-        ("decode", lambda: decode(res, gen, seqs, ctx, args.sweep)),
+        ("decode", lambda: decode(res, gen, seqs, ctx, args.formats, grid if args.sweep else None)),
         ("append", lambda: append(res, gen)),
         ("prefill_32k", lambda: prefill(res, gen, 30720, 2048, "prefill_32k")),
         ("long_128k", lambda: prefill(res, gen, 131072 - 2048, 2048, "long_128k")),

@@ -14,6 +14,18 @@ from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
 
 
 @triton.jit
+def _stream_word(q, lanes, j: tl.constexpr, BITS: tl.constexpr):
+    """Word j of each row's bitstream (kv_quant_ref.py): bits [32j, 32j + 32) of the codes q [rows, 32] (uint32),
+    code l placed at stream bit l * BITS. A straddling code gives its low bits to one word and its high to the next."""
+    at = lanes * BITS - 32 * j  # where code l starts relative to bit 0 of word j: in (-BITS, 32) if it touches it
+    up = q << tl.minimum(tl.maximum(at, 0), 31).to(tl.uint32)[None, :]  # bits past 31 fall off
+    down = q >> tl.minimum(tl.maximum(-at, 0), 31).to(tl.uint32)[None, :]  # a code begun in word j - 1
+    part = tl.where((at >= 0)[None, :], up, down)
+    part = tl.where(((at > -BITS) & (at < 32))[None, :], part, 0)
+    return tl.sum(part, axis=1)  # disjoint bits: sum == or
+
+
+@triton.jit
 def _quantize_append_kernel(
     x_ptr,
     slot_ptr,
@@ -46,8 +58,7 @@ def _quantize_append_kernel(
     tl.store(scales_ptr + slot * NUM_GROUPS + rows, scale16, mask=row_ok)
     code_row = codes_ptr + slot * (NUM_GROUPS * BITS) + rows * BITS
     for j in tl.static_range(BITS):
-        plane = tl.sum(((q >> j) & 1) << lanes[None, :].to(tl.uint32), axis=1)  # disjoint bits: sum == or
-        tl.store(code_row + j, plane.to(tl.int32, bitcast=True), mask=row_ok)
+        tl.store(code_row + j, _stream_word(q, lanes, j, BITS).to(tl.int32, bitcast=True), mask=row_ok)
 
 
 def quantize_append(pages: QuantPages, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:

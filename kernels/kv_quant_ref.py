@@ -7,9 +7,11 @@ quantized on a midpoint grid of 2^b levels:
 
     q = clamp(floor(v / s * 2^(b-1) + 2^(b-1)), 0, 2^b - 1)        v ~= ((2q + 1) / 2^b - 1) * s
 
-so the error of every rotated value is at most s / 2^b (half a step). The b-bit codes of a group are stored as b
-*bit planes*: int32 word j holds bit j of all 32 codes (bit i of the word belongs to value i). Any width 2..8 packs
-into exactly b words per group, and a reader gets value i with b shifts, whatever b is.
+so the error of every rotated value is at most s / 2^b (half a step). The b-bit codes of a group are stored as one
+little-endian *bitstream* in b int32 words: code l occupies stream bits [l*b, l*b + b), i.e. it starts at bit
+(l*b) & 31 of word (l*b) >> 5 of the group, lowest bit first. Widths that divide 32 (2, 4, 8) pack 32 / b whole codes
+per word; 3, 5, 6 and 7 let some codes straddle two consecutive words of the group. A reader gets a value with one
+load (two for a straddling code), a shift and a mask, instead of one load and shift per bit.
 
 Values stay in the rotated domain in the cache. H is symmetric and its own inverse, so attention never un-rotates a
 key: q . k = (H q) . (H k) -- it rotates the query once. Likewise it sums rotated values and un-rotates the output.
@@ -31,7 +33,7 @@ INV_SQRT_GROUP = GROUP**-0.5
 
 @dataclass
 class QuantPages:
-    """One layer's keys or values, quantized: bit-plane codes and one fp16 scale per 32-value group."""
+    """One layer's keys or values, quantized: bitstream-packed codes and one fp16 scale per 32-value group."""
 
     codes: torch.Tensor  # [pages, page_size, kv_heads, head_dim // 32 * bits] int32
     scales: torch.Tensor  # [pages, page_size, kv_heads, head_dim // 32] float16
@@ -98,8 +100,29 @@ def rotate_groups(x: torch.Tensor) -> torch.Tensor:
 
 
 # -- torch reference ----------------------------------------------------------------------------------------------
+def pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes [..., G*32] (each in [0, 2^bits)) -> bitstream words [..., G*bits] int32."""
+    codes = q.to(torch.int64).reshape(*q.shape[:-1], -1, GROUP)
+    # A group's stream, lowest bit first: bit i of code l is stream bit l*bits + i, and stream bit 32j + k is bit k of
+    # word j, so flattening [32, bits] and cutting the result into rows of 32 gives the words' bits.
+    stream = (codes[..., None] >> torch.arange(bits, device=q.device)) & 1  # [..., G, 32, bits]
+    stream = stream.reshape(*codes.shape[:-1], bits, 32)
+    words = (stream << torch.arange(32, device=q.device)).sum(-1)  # [..., G, bits]
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # uint32 bit pattern as int32
+    return words.reshape(*q.shape[:-1], -1)
+
+
+def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Bitstream words [..., G*bits] int32 -> integer codes [..., G*32] (int64); the inverse of ``pack_codes``."""
+    words = codes.reshape(*codes.shape[:-1], -1, bits, 1)
+    stream = (words >> torch.arange(32, dtype=torch.int32, device=codes.device)) & 1  # [..., G, bits, 32]
+    stream = stream.reshape(*words.shape[:-2], GROUP, bits)  # the same stream, cut per code
+    q = (stream << torch.arange(bits, dtype=torch.int32, device=codes.device)).sum(-1, dtype=torch.int64)
+    return q.reshape(*codes.shape[:-1], -1)
+
+
 def quantize_ref(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., D] -> (codes [..., D/32*bits] int32 bit planes, scales [..., D/32] fp16), rotating each group."""
+    """x [..., D] -> (codes [..., D/32*bits] int32 bitstream words, scales [..., D/32] fp16), rotating each group."""
     check_bits(bits)
     rotated = rotate_groups(x).reshape(*x.shape[:-1], -1, GROUP)
     scales = rotated.abs().amax(-1).to(torch.float16)
@@ -107,20 +130,7 @@ def quantize_ref(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     half = float(1 << (bits - 1))
     t = rotated / torch.where(s > 0, s, torch.ones_like(s))[..., None]  # s == 0: a zero group, coded as 0
     q = torch.floor(t * half + half).clamp(0, (1 << bits) - 1).to(torch.int64)
-    lanes = torch.arange(GROUP, device=x.device)
-    planes = torch.arange(bits, device=x.device)
-    words = (((q[..., None, :] >> planes[:, None]) & 1) << lanes).sum(-1)  # [..., groups, bits]
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # uint32 bit pattern as int32
-    return words.reshape(*x.shape[:-1], -1), scales
-
-
-def unpack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Bit-plane words [..., G*bits] -> integer codes [..., G*32] (int64)."""
-    words = codes.to(torch.int64).reshape(*codes.shape[:-1], -1, bits)  # sign-extended: low 32 bits are the planes
-    lanes = torch.arange(GROUP, device=codes.device)
-    planes = torch.arange(bits, device=codes.device)
-    q = (((words[..., :, None] >> lanes) & 1) << planes[:, None]).sum(-2)  # [..., groups, 32]
-    return q.reshape(*codes.shape[:-1], -1)
+    return pack_codes(q.reshape(*x.shape[:-1], -1), bits), scales
 
 
 def dequantize_ref(codes: torch.Tensor, scales: torch.Tensor, bits: int, rotated: bool = False) -> torch.Tensor:

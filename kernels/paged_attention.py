@@ -9,9 +9,10 @@ walks the sequence's keys through its block table in BLOCK_N tiles (any page siz
 with an online softmax. Long contexts are split over several programs (flash-decoding) when the batch alone would
 not fill the GPU; a second small kernel merges the splits.
 
-Quantized pages (kernels/kv_quant_ref.py) are read directly: codes are unpacked and scaled in registers. Keys and values
-sit rotated by the 32-point Hadamard, so the kernel rotates the query once (q . k = Hq . Hk) and un-rotates the
-output once (sum p Hv = H sum p v) instead of touching every cached element twice.
+Quantized pages (kernels/kv_quant_ref.py) are read directly: each code is cut from its bitstream word with a shift
+and a mask and scaled with one fma, in registers. Keys and values sit rotated by the 32-point Hadamard, so the kernel
+rotates the query once (q . k = Hq . Hk) and un-rotates the output once (sum p Hv = H sum p v) instead of touching
+every cached element twice.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     target_programs: int | None = None  # split contexts until about this many programs run; None: 4 per SM
-    # Quantized pages: load each bit-plane word once and spread it in registers (True), or let every value gather
-    # its own copy (False). Both are exact; bench/kv_cache.py times them.
+    # Quantized pages of 2, 4 or 8 bits: load each row's words once and split them into codes in registers (True),
+    # or let every value gather its own word (False, what 3, 5, 6 and 7 bits always do). Both are exact;
+    # bench/kv_cache.py times them.
     word_loads: bool = True
 
 
@@ -139,6 +141,58 @@ def block_hadamard(head_dim: int, block_d: int, device: torch.device, dtype: tor
 
 
 @triton.jit
+def _split_words(
+    pages_ptr,
+    slots,
+    k_ok,
+    kv_head,
+    stride_slot,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_G, 32] uint32 whose low BITS bits are the codes, for BITS dividing 32: each row's words are
+    loaded once, as one contiguous (vectorizable) run, and each word is split into its 32 / BITS codes in registers."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    words_per_head: tl.constexpr = HEAD_DIM // 32 * BITS
+    w = tl.arange(0, BLOCK_G * BITS)
+    ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * words_per_head + w[None, :]
+    words = tl.load(ptrs, mask=k_ok[:, None] & (w < words_per_head)[None, :], other=0).to(tl.uint32, bitcast=True)
+    shift = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
+    fields = words[:, :, None] >> shift[None, None, :]  # [BLOCK_N, words, PER_WORD]
+    return tl.reshape(fields, [BLOCK_N, BLOCK_G, 32])  # code l of group g sits in word g * BITS + l // PER_WORD
+
+
+@triton.jit
+def _gather_codes(group_words, group_ok, BITS: tl.constexpr):
+    """[BLOCK_N, BLOCK_G, 32] uint32 whose low BITS bits are the codes, every value loading its own word (the cache
+    serves the repeats) and, when BITS does not divide 32, the next one for a code that straddles the two.
+    ``group_words``: [BLOCK_N, BLOCK_G] pointers to each group's first word."""
+    start = tl.arange(0, 32) * BITS  # the stream bit where code l starts
+    word = start >> 5
+    shift = (start & 31).to(tl.uint32)[None, None, :]
+    mask = group_ok[:, :, None]
+    lo = tl.load(group_words[:, :, None] + word[None, None, :], mask=mask, other=0)
+    fields = lo.to(tl.uint32, bitcast=True) >> shift
+    if 32 % BITS != 0:
+        # The high bits come from the next word, shifted up to meet the low ones. For a code that does not straddle,
+        # they land at bit 32 - shift >= BITS, above the code (the last word of the group reads itself: it is in
+        # bounds). Two shifts, as one by 32 - shift would be undefined at shift 0.
+        after = tl.minimum(word + 1, BITS - 1)
+        hi = tl.load(group_words[:, :, None] + after[None, None, :], mask=mask, other=0)
+        fields |= (hi.to(tl.uint32, bitcast=True) << 1) << (31 - shift)
+    return fields
+
+
+@triton.jit
+def _codes_as_float(fields, BITS: tl.constexpr):
+    """The low BITS bits of each uint32 as float32, exactly: OR them into the mantissa of 2^23, subtract 2^23 (an
+    integer-to-float conversion runs at a fraction of the rate of these two instructions)."""
+    return ((fields & ((1 << BITS) - 1)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _load_kv_tile(
     pages_ptr,
     scales_ptr,
@@ -159,32 +213,23 @@ def _load_kv_tile(
     if BITS == 0:
         ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * HEAD_DIM + dims[None, :]
         tile = tl.load(ptrs, mask=k_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    elif WORD_LOADS:
-        # Each bit-plane word is loaded once, as a [BLOCK_N, groups] tile, and spread over its 32 values in
-        # registers: [BLOCK_N, groups, 32] -> [BLOCK_N, BLOCK_D] (d = 32 * group + lane).
+    else:
+        # Work on [BLOCK_N, groups, 32] (d = 32 * group + lane) so that per-group terms broadcast over their lanes.
         BLOCK_G: tl.constexpr = BLOCK_D // 32
         groups = tl.arange(0, BLOCK_G)
-        mask = k_ok[:, None] & (groups < HEAD_DIM // 32)[None, :]
+        group_ok = k_ok[:, None] & (groups < HEAD_DIM // 32)[None, :]
         group = kv_head * (HEAD_DIM // 32) + groups
-        words = pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :]
-        lane = tl.arange(0, 32)[None, None, :]
-        code = (tl.load(words, mask=mask, other=0)[:, :, None] >> lane) & 1
-        for j in tl.static_range(1, BITS):  # bit plane j holds bit j of each of the group's 32 codes
-            code |= ((tl.load(words + j, mask=mask, other=0)[:, :, None] >> lane) & 1) << j
-        scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=mask, other=0.0)
-        value = ((2 * code + 1).to(tl.float32) * (1.0 / (1 << BITS)) - 1.0) * scale.to(tl.float32)[:, :, None]
+        if WORD_LOADS and 32 % BITS == 0:
+            fields = _split_words(pages_ptr, slots, k_ok, kv_head, stride_slot, HEAD_DIM, BLOCK_N, BLOCK_G, BITS)
+        else:
+            fields = _gather_codes(pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :], group_ok, BITS)
+        scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=group_ok, other=0.0)
+        # ((2q + 1) / 2^b - 1) s = q a + c with a = 2s / 2^b and c = s (1 / 2^b - 1), once per group: one fma per
+        # value. As exact as the reference: q a and c fit in 19 significant bits, so only the sum is rounded.
+        a = scale.to(tl.float32) * (2.0 / (1 << BITS))
+        c = scale.to(tl.float32) * (1.0 / (1 << BITS) - 1.0)
+        value = _codes_as_float(fields, BITS) * a[:, :, None] + c[:, :, None]
         tile = tl.reshape(value, [BLOCK_N, BLOCK_D])
-    else:
-        # The same, with every value loading its own copy of its word (a gather; the cache serves the repeats).
-        valid = k_ok[:, None] & (dims < HEAD_DIM)[None, :]
-        group = kv_head * (HEAD_DIM // 32) + dims // 32
-        lane = dims % 32
-        words = pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :]
-        code = (tl.load(words, mask=valid, other=0) >> lane[None, :]) & 1
-        for j in tl.static_range(1, BITS):
-            code |= ((tl.load(words + j, mask=valid, other=0) >> lane[None, :]) & 1) << j
-        scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=valid, other=0.0)
-        tile = ((2 * code + 1).to(tl.float32) * (1.0 / (1 << BITS)) - 1.0) * scale.to(tl.float32)
     return tile.to(OUT_DTYPE)
 
 

@@ -1,6 +1,7 @@
-"""KV-cache quantization (EXL3_FORMAT.md §6): the error bound of the scheme at every width, the Triton append kernel
-against the torch reference (Triton's CPU interpreter), the cache's memory per token, settings parsing, and what a
-quantized cache does to the real default model's predictions."""
+"""KV-cache quantization (EXL3_FORMAT.md §6): the error bound of the scheme at every width, the bitstream layout of the
+codes (pinned on hand-packed words), the Triton append kernel against the torch reference (Triton's CPU interpreter),
+the cache's memory per token, settings parsing, and what a quantized cache does to the real default model's
+predictions."""
 
 from __future__ import annotations
 
@@ -81,6 +82,46 @@ def test_dequantized_values_lie_on_the_midpoint_grid() -> None:
     grid = torch.tensor([(2 * q + 1) / 8 - 1 for q in range(8)])
     assert ((levels[..., None] - grid).abs() < 1e-6).any(-1).all()
     assert torch.equal(kv_quant_ref.unpack_codes(codes, 3), torch.round((levels + 1) * 4 - 0.5).long())
+
+
+# The codes 0, 1, 2, ... (mod 2^b) of one group, packed by hand. Code l occupies bits [l*b, l*b + b) of the group's
+# stream and word j holds stream bits [32j, 32j + 32), lowest first: a 4-bit code is one hex digit of its word, a 3-bit
+# code one octal digit of the 96-bit stream 0o7654321076543210... (code 31 first), so word 0 holds codes 0..9
+# (0o1076543210) and, on top, the low two bits of code 10 (2 = 0b010: bit 31 set); code 10's high bit opens word 1.
+RAMP_WORDS = {
+    2: [0xE4E4E4E4] * 2,  # 3, 2, 1, 0 = 0b11100100 in every byte
+    3: [0x88FAC688, 0xC688FAC6, 0xFAC688FA],
+    4: [0x76543210, 0xFEDCBA98] * 2,
+    8: [0x03020100, 0x07060504, 0x0B0A0908, 0x0F0E0D0C, 0x13121110, 0x17161514, 0x1B1A1918, 0x1F1E1D1C],
+}
+
+
+@pytest.mark.parametrize("bits", RAMP_WORDS)
+def test_codes_are_packed_as_one_little_endian_bitstream_per_group(bits: int) -> None:
+    ramp = torch.arange(32) % (1 << bits)
+    words = torch.tensor(RAMP_WORDS[bits], dtype=torch.int64)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)  # the uint32 patterns as int32
+    assert torch.equal(kv_quant_ref.pack_codes(ramp, bits), words)
+    assert torch.equal(kv_quant_ref.unpack_codes(words, bits), ramp)
+    if bits == 8:
+        return  # codes 0..31 of 255 cannot come out of quantizing a group: its absmax takes the top code
+
+    # Both quantizers, fed values on those codes' grid points (scale 1: the top code's lanes hold exactly 1.0).
+    levels = (2 * ramp.float() + 1) / (1 << bits) - 1
+    x = kv_quant_ref.rotate_groups(torch.where(ramp == ramp.max(), 1.0, levels)).reshape(1, 1, 32)
+    codes, scales = kv_quant_ref.quantize_ref(x, bits)
+    assert torch.equal(codes.flatten(), words) and float(scales) == 1.0
+    pages = kv_quant_ref.empty_quant_pages(1, 1, 1, 32, bits, "cpu")
+    kv_quant.quantize_append(pages, x, torch.zeros(1, dtype=torch.int64))
+    assert torch.equal(pages.codes.flatten(), words)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_packing_round_trips_every_code_at_every_width(bits: int) -> None:
+    codes = torch.randint(0, 1 << bits, (5, 3, 96), generator=torch.Generator().manual_seed(bits))
+    words = kv_quant_ref.pack_codes(codes, bits)
+    assert words.dtype == torch.int32 and words.shape == (5, 3, 3 * bits)
+    assert torch.equal(kv_quant_ref.unpack_codes(words, bits), codes)
 
 
 @pytest.mark.parametrize("bits", BITS)

@@ -17,6 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 import triton.runtime.interpreter as triton_interpreter  # noqa: E402
 
 from inference_worker.attention import attend_paged, paged_attention  # noqa: E402
@@ -238,12 +240,58 @@ def test_triton_paged_attention_matches_the_reference_on_ragged_prefill_and_deco
     triton_vs_reference(batch, dtype, split)
 
 
-@pytest.mark.parametrize(("kv_bits", "word_loads"), [((None, None), True), ((4, 4), True), ((3, 5), False)])
+@pytest.mark.parametrize(("kv_bits", "word_loads"), [((None, None), True), ((4, 4), True), ((4, 3), False)])
 def test_triton_decode_over_long_contexts_split_many_ways_matches_the_reference(kv_bits, word_loads) -> None:
     shapes = [(300, 1), (7, 1), (129, 1), (64, 1)]  # ragged decode: some splits of short sequences see no key
     batch = RaggedBatch(shapes, 8, 2, 64, 16, kv_bits, seed=3)
     batch.write_new()
     triton_vs_reference(batch, torch.float32, split=True, word_loads=word_loads)
+
+
+@pytest.mark.parametrize("k_bits", range(2, 9))
+def test_triton_attention_reads_every_width_as_keys_and_as_values(k_bits: int) -> None:
+    kv_bits = (k_bits, 10 - k_bits)  # 2..8 bits on each side, the straddling widths 3, 5, 6, 7 included
+    batch = RaggedBatch([(21, 1), (9, 6), (0, 3)], 8, 2, 64, 4, kv_bits, seed=k_bits)
+    batch.write_new()
+    triton_vs_reference(batch, torch.float32, split=k_bits % 2 == 0)
+
+
+@triton.jit
+def _tile_kernel(
+    out_ptr, pages_ptr, scales_ptr, slots_ptr, kv_head, stride_slot, stride_scale_slot, num_keys,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
+    WORD_LOADS: tl.constexpr,
+):  # fmt: skip
+    """The kernel's tile loader alone: its [BLOCK_N, BLOCK_D] tile for the slots of one kv head, stored as is."""
+    rows = tl.arange(0, BLOCK_N)
+    k_ok = rows < num_keys
+    slots = tl.load(slots_ptr + rows, mask=k_ok, other=0).to(tl.int64)
+    tile = triton_attention._load_kv_tile(
+        pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot,
+        HEAD_DIM, BLOCK_N, BLOCK_D, BITS, WORD_LOADS, tl.float32,
+    )  # fmt: skip
+    dims = tl.arange(0, BLOCK_D)
+    tl.store(out_ptr + rows[:, None] * BLOCK_D + dims[None, :], tile)
+
+
+@pytest.mark.parametrize("word_loads", [True, False])
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_triton_tile_loader_dequantizes_exactly_like_the_reference(bits: int, word_loads: bool) -> None:
+    # Random words hold every code, straddling ones and set sign bits included; head_dim 96 leaves a padded group in
+    # the 128-wide tile; slot 11 is the last, so its head 1 ends the buffer.
+    gen = torch.Generator().manual_seed(bits)
+    pages = kv_quant_ref.empty_quant_pages(3, 4, 2, 96, bits, "cpu")
+    pages.codes.copy_(torch.randint(-(1 << 31), 1 << 31, pages.codes.shape, generator=gen, dtype=torch.int64))
+    pages.scales.copy_(torch.rand(pages.scales.shape, generator=gen) * 4)
+    slots = torch.tensor([11, 0, 5, 7, 3, 11, 2, 9, 10, 1, 4])
+    out = torch.full((16, 128), float("nan"))
+    _tile_kernel[(1,)](
+        out, pages.codes, pages.scales, slots, 1, pages.codes[0, 0].numel(), pages.scales[0, 0].numel(), len(slots),
+        HEAD_DIM=96, BLOCK_N=16, BLOCK_D=128, BITS=bits, WORD_LOADS=word_loads,
+    )  # fmt: skip
+    codes, scales = pages.codes.view(12, 2, -1)[slots, 1], pages.scales.view(12, 2, -1)[slots, 1]
+    assert torch.equal(out[: len(slots), :96], kv_quant_ref.dequantize_ref(codes, scales, bits, rotated=True))
+    assert not out[len(slots) :].any() and not out[:, 96:].any()  # padding keys and dims read as zeros
 
 
 @pytest.mark.parametrize(("split", "window"), [(False, 7), (True, 7), (True, 30)])
