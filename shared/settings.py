@@ -80,7 +80,7 @@ class Settings:
     speculative_tokens: int = 4  # the most guessed tokens verified per sequence and step
     speculative_max_batch: int = 16  # with more decoding sequences than this, no sequence speculates
     speculative_max_step_tokens: int = 32  # guesses are cut so a decode step feeds at most this many tokens
-    speculative_by_cost: bool = True  # cap guesses by the measured cost of steps with and without them (docs/speculative.md)
+    speculative_by_cost: bool = True  # cap guesses by the measured cost of steps with and without them
     # after a step that ended a request, wait up to this many ms (at most 5% of a step) for the next one (Engine.linger)
     admit_linger_ms: float = 8.0
     speculative_draft_model: str = ""  # model id under models_dir that guesses for method "draft" ("": none)
