@@ -20,9 +20,10 @@ import torch  # noqa: E402
 
 from inference_worker.batch import ForwardBatch  # noqa: E402
 from inference_worker.engine import Engine, EngineConfig  # noqa: E402
-from inference_worker.key_centering import measure_keys  # noqa: E402
+from inference_worker.key_centering import KEY_SCALE_POWER, measure_keys  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token, parse_kv_bits  # noqa: E402
 from inference_worker.loader import load_model  # noqa: E402
+from inference_worker.models.decoder import Attention  # noqa: E402
 from kernels import kv_quant, kv_quant_ref  # noqa: E402
 from shared.tokenizer import ModelTokenizer  # noqa: E402
 
@@ -260,8 +261,30 @@ def test_per_channel_key_scales_lower_the_cost_further(next_token_logprobs) -> N
     def kl(lp: torch.Tensor) -> float:
         return float((exact.exp() * (exact - lp)).sum(-1).mean())
 
-    centered, scaled = kl(next_token_logprobs((4, 4), offsets)), kl(next_token_logprobs((4, 4), offsets, scales))
-    assert scaled < 0.95 * centered, (centered, scaled)
+    # measured (400 tokens of docs/worker.md): K4/V8 0.023 -> 0.019, K3/V8 0.11 -> 0.09; values at 8 bits, so the
+    # figures are the keys' own (at V4 the value error blurs the comparison on so few tokens)
+    for bits in [(4, 8), (3, 8)]:
+        centered, scaled = kl(next_token_logprobs(bits, offsets)), kl(next_token_logprobs(bits, offsets, scales))
+        assert scaled < 0.9 * centered, (bits, centered, scaled)
+
+
+def test_key_scales_shrink_where_the_queries_that_meet_them_are_large(next_token_logprobs, monkeypatch) -> None:
+    model, tokenizer = next_token_logprobs.model, next_token_logprobs.tokenizer
+    _, before = measure_keys(model, tokenizer)
+    project = Attention.project
+
+    def louder_channel_5(self, x, cos, sin):  # layer 0's queries 4x as large in channel 5; its keys are unchanged
+        q, k, v = project(self, x, cos, sin)
+        if self.layer == 0:
+            q = q.clone()
+            q[..., 5] *= 4
+        return q, k, v
+
+    monkeypatch.setattr(Attention, "project", louder_channel_5)
+    _, after = measure_keys(model, tokenizer)
+    # the channel's error reaches the scores 4x as large: its scale shrinks by 4^-KEY_SCALE_POWER against the others
+    ratio = (after[0][:, 5] / after[0][:, 6]) / (before[0][:, 5] / before[0][:, 6])
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 4.0**-KEY_SCALE_POWER), rtol=1e-4, atol=0)
 
 
 def test_key_centering_lowers_what_a_quantized_key_cache_costs(next_token_logprobs) -> None:
