@@ -190,7 +190,6 @@ class Engine:
         self.proposers: dict[str, Proposer] = {"ngram": NgramProposer(), **(proposers or {})}
         self.planner = SpeculationPlanner() if cfg.speculative_by_cost else None
         self.acceptance_prior = AcceptancePrior()
-        self._tokens_this_step = 0
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
         self._freed_slot = False  # a sequence ended since the last linger()
         try:
@@ -339,11 +338,10 @@ class Engine:
                 if r.first_scheduled_at is None:
                     r.first_scheduled_at = now
                     self.metrics.request_queue_time.observe(now - r.arrival)
-            self._tokens_this_step = 0
             self._forward_and_sample(plan, events)
             self._last_step_s = time.perf_counter() - started
             if self.planner is not None and self._num_graphs() == graphs_before:  # a capture is no steady cost
-                self._time_decode_step(plan, drafts, time.perf_counter() - started)
+                self._time_decode_step(plan, drafts, self._last_step_s)
         self._update_gauges()
         return events
 
@@ -506,19 +504,15 @@ class Engine:
         if wanted and self.planner is not None:
             # cheap proposers guess first, so the planner prices guesses in hand rather than hoped-for ones
             cheap = [w for w in wanted if self.proposers[w[1].spec.method].cheap]
+            dear = [w for w in wanted if not self.proposers[w[1].spec.method].cheap]
             self._guess(cheap, drafts)
-            priced = [
-                (functools.partial(c.draft_length.expected_tokens, guessed=True), len(drafts.get(seq.seq_id, ())))
-                if self.proposers[c.spec.method].cheap
-                else (c.draft_length.expected_tokens, k)
-                for seq, c, k in wanted
-            ]
-            sticky = len(cheap) < len(wanted)  # a draft model guesses: switching it on and off costs catch-ups
-            cap = self.planner.choose(rows, [e for e, _ in priced], [k for _, k in priced],
-                                      num_plain=len(decoding) - len(wanted), sticky=sticky)  # fmt: skip
+            expected = [functools.partial(c.draft_length.expected_tokens, guessed=True) for _, c, _ in cheap]
+            expected += [c.draft_length.expected_tokens for _, c, _ in dear]
+            lengths = [len(drafts.get(seq.seq_id, ())) for seq, _, _ in cheap] + [k for _, _, k in dear]
+            cap = self.planner.choose(rows, expected, lengths, num_plain=len(decoding) - len(wanted),
+                                      sticky=bool(dear))  # fmt: skip - a draft model: switching it costs catch-ups
             drafts = {seq_id: guess[:cap] for seq_id, guess in drafts.items() if cap > 0}
-            dear = [(seq, c, min(k, cap)) for seq, c, k in wanted if not self.proposers[c.spec.method].cheap]
-            wanted = dear if cap > 0 else []
+            wanted = [(seq, c, min(k, cap)) for seq, c, k in dear] if cap > 0 else []
         self._guess(wanted, drafts)
         return drafts
 
@@ -616,7 +610,6 @@ class Engine:
         p = r.req.params
         tok = int(token.token_id)
         c.seq.output_ids.append(tok)
-        self._tokens_this_step += 1
         self.metrics.generation_tokens.inc()
         if r.first_token_at is None:
             r.first_token_at = now

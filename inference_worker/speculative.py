@@ -114,6 +114,24 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+class KeptRate:
+    """The chance that a guess is right given the ones before it were, from verifications that stop at the first
+    miss: moving sums of kept guesses over kept guesses plus the misses that ended runs."""
+
+    def __init__(self, alpha: float, smoothing: float) -> None:
+        self.smoothing = smoothing
+        self._kept, self._trials = alpha, 1.0
+
+    @property
+    def alpha(self) -> float:
+        return self._kept / self._trials
+
+    def update(self, proposed: int, accepted: int) -> None:
+        trials = accepted + (accepted < proposed)  # each kept guess, and the miss that ended the run (if any)
+        self._kept = self.smoothing * accepted + (1 - self.smoothing) * self._kept
+        self._trials = self.smoothing * trials + (1 - self.smoothing) * self._trials
+
+
 class AdaptiveDraftLength:
     """One sequence's draft length, following an exponential moving average of its acceptance rate.
 
@@ -140,12 +158,12 @@ class AdaptiveDraftLength:
         self.paused_steps = 0
         # alpha starts where this method's sequences have been (AcceptancePrior): a pessimistic start would have the
         # planner verify no guesses, and a sequence that never guesses never shows what it could do
-        self._kept, self._trials = prior_alpha, 1.0
+        self.kept_rate = KeptRate(prior_alpha, self.SMOOTHING)
         self.hit_rate = 1.0
 
     @property
     def alpha(self) -> float:
-        return self._kept / self._trials
+        return self.kept_rate.alpha
 
     def next_length(self) -> int:
         """How many tokens to ask the proposer for this step (0: not speculating now)."""
@@ -168,9 +186,7 @@ class AdaptiveDraftLength:
         """After verifying ``proposed`` guessed tokens, of which the first ``accepted`` were kept."""
         if proposed < 1:
             return
-        trials = accepted + (accepted < proposed)  # each kept guess, and the miss that ended the run (if any)
-        self._kept = self.SMOOTHING * accepted + (1 - self.SMOOTHING) * self._kept
-        self._trials = self.SMOOTHING * trials + (1 - self.SMOOTHING) * self._trials
+        self.kept_rate.update(proposed, accepted)
         rate = accepted / proposed
         self.acceptance = self.SMOOTHING * rate + (1 - self.SMOOTHING) * self.acceptance
         if self.acceptance < self.PAUSE_BELOW:
@@ -189,19 +205,14 @@ class AcceptancePrior:
     SMOOTHING = 0.02
 
     def __init__(self) -> None:
-        self._kept: dict[str, float] = {}
-        self._trials: dict[str, float] = {}
+        self._rates: dict[str, KeptRate] = {}
 
     def alpha(self, method: str) -> float:
-        return self._kept[method] / self._trials[method] if method in self._trials else 0.5
+        return self._rates[method].alpha if method in self._rates else 0.5
 
     def update(self, method: str, proposed: int, accepted: int) -> None:
-        if proposed < 1:
-            return
-        trials = accepted + (accepted < proposed)
-        old_kept, old_trials = self._kept.get(method, 0.5), self._trials.get(method, 1.0)
-        self._kept[method] = self.SMOOTHING * accepted + (1 - self.SMOOTHING) * old_kept
-        self._trials[method] = self.SMOOTHING * trials + (1 - self.SMOOTHING) * old_trials
+        if proposed >= 1:
+            self._rates.setdefault(method, KeptRate(0.5, self.SMOOTHING)).update(proposed, accepted)
 
 
 class SpeculationPlanner:
@@ -237,8 +248,14 @@ class SpeculationPlanner:
         self._held: dict[int, tuple[int, int]] = {}  # bucket -> (cap, decisions it still holds for)
         self.trace: list[tuple] | None = None  # a benchmark sets a list: (why, bucket, cap, {cap: tokens/s}) per choice
 
-    def choose(self, bucket: int, expected: Sequence[Callable[[int], float]], lengths: Sequence[int],
-               num_plain: int, sticky: bool = False) -> int:
+    def choose(
+        self,
+        bucket: int,
+        expected: Sequence[Callable[[int], float]],
+        lengths: Sequence[int],
+        num_plain: int,
+        sticky: bool = False,
+    ) -> int:
         """The cap on guesses per sequence for a step of ``bucket`` rows in which some sequences would guess up to
         ``lengths`` tokens each, expecting ``expected[i](k)`` tokens from a verification of k guesses, and
         ``num_plain`` sequences decode one token whatever is chosen. ``sticky``: a proposer with state of its own

@@ -342,7 +342,7 @@ def test_with_a_draft_model_the_planner_holds_its_choice() -> None:
     explored(planner, 2, lambda q: 0.010, seqs, [4, 4])  # guessing is free: the best is the most guesses
     assert planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) == 4
     for s in seqs:
-        s._kept = 0.0  # every guess now wrong: the best is none ...
+        s.kept_rate._kept = 0.0  # every guess now wrong: the best is none ...
     held = [planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) for _ in range(planner.HOLD_STEPS - 1)]
     assert held == [4] * (planner.HOLD_STEPS - 1)  # ... but a draft model's choice holds a while
     after = [planner.choose(2, expected, [4, 4], num_plain=0, sticky=True) for _ in range(3)]
