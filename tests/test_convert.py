@@ -17,6 +17,7 @@ from converter_worker.convert import ConversionError, ConvertOptions, convert
 from converter_worker.eval import evaluate
 from converter_worker.quant.bits import LinearShape, allocate_bits, average_bits
 from inference_worker.loader import load_model
+from shared.calibration import text_digest
 from shared.exl3_format import read_quantization_config
 from tests.tiny_models import HIDDEN, INTERMEDIATE, write_tiny_llama
 
@@ -130,6 +131,22 @@ def test_resume_refuses_arguments_that_would_change_the_result(source: Path, tmp
         convert(opts)
 
 
+def test_resume_refuses_a_different_calibration_text(source: Path, tmp_path: Path) -> None:
+    text = tmp_path / "own.txt"
+    text.write_text("A few sentences of the user's own domain, repeated. " * 20, encoding="utf-8")
+    opts = ConvertOptions(source, tmp_path / "out", tmp_path / "work", bits=3.0, cal_rows=4, cal_cols=16, cal_text=text)
+    with pytest.raises(ConversionError, match="stopped before block 0"):
+        convert(opts, stop=lambda: True)
+    saved = json.loads((tmp_path / "work" / "args.json").read_text())
+    assert saved["cal_text_sha256"] == text_digest(text.read_text(encoding="utf-8"))
+    default = ConvertOptions(source, tmp_path / "out", tmp_path / "work", bits=3.0, cal_rows=4, cal_cols=16)
+    with pytest.raises(ConversionError, match="calibration text differs"):
+        convert(default, resume=True)
+    text.write_text("Other words now. " * 20, encoding="utf-8")  # same path, new contents: still refused
+    with pytest.raises(ConversionError, match="calibration text differs"):
+        convert(opts, resume=True)
+
+
 def test_existing_output_is_never_overwritten(source: Path, tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     opts = ConvertOptions(source, tmp_path / "out", tmp_path / "work", bits=3.0)
@@ -154,6 +171,7 @@ def test_unreadable_weights_end_with_a_clear_message(tmp_path: Path, capsys: pyt
         (["-b", "9"], "bits per weight must be a number in 1..8"),
         (["-b", "3", "-hb", "9"], "head bits must be an integer in 1..8, or 16"),
         (["-b", "3", "--cal-rows", "0"], "calibration needs at least 1 row"),
+        (["-b", "3", "--cal-text", "/no/such/text.txt"], "/no/such/text.txt is neither a file nor a folder"),
     ],
 )
 def test_bad_arguments_are_refused_with_a_clear_message(
