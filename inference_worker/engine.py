@@ -191,7 +191,7 @@ class Engine:
         self.planner = SpeculationPlanner() if cfg.speculative_by_cost else None
         self.acceptance_prior = AcceptancePrior()
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
-        self._freed_slot = False  # a sequence ended since the last linger()
+        self._freed_seqs = 0  # sequences ended since the last linger(): the successors it waits for
         try:
             self._default_spec = resolve_request(
                 None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
@@ -283,18 +283,23 @@ class Engine:
             self._cond.notify_all()
 
     def linger(self) -> None:
-        """Between steps, after one that ended a sequence while others still run and nothing waits: give the freed
-        slot's successor a moment to arrive (a client that sends its next request as soon as one ends, like a chat
-        UI or an agent). Without it the request lands just after the next step began and waits all of it; with it
-        the running sequences wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step.
-        Returns at once when a request (or abort) arrives."""
-        freed, self._freed_slot = self._freed_slot, False
-        if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting or not self.scheduler.running:
+        """Between steps, after one that ended sequences while nothing waits: give the freed slots' successors a
+        moment to arrive (clients that send their next request as soon as one ends, like chat UIs or agents).
+        Without it a successor lands just after the next step began and waits all of it, and of several that end
+        together only the first makes the next step. With it the running sequences (and a successor that came first)
+        wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step. Returns as soon as as many
+        sequences have arrived as ended, or an abort comes."""
+        freed, self._freed_seqs = self._freed_seqs, 0
+        if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting:
             return
         limit = min(self.cfg.admit_linger_s, ADMIT_LINGER_STEP_FRACTION * self._last_step_s)
+        deadline = time.monotonic() + limit
         with self._cond:
-            if not (self._inbox or self._aborts):
-                self._cond.wait(limit)
+            while not self._aborts and sum(max(1, r.params.n) for r in self._inbox) < freed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(left)
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
@@ -509,8 +514,8 @@ class Engine:
             expected = [functools.partial(c.draft_length.expected_tokens, guessed=True) for _, c, _ in cheap]
             expected += [c.draft_length.expected_tokens for _, c, _ in dear]
             lengths = [len(drafts.get(seq.seq_id, ())) for seq, _, _ in cheap] + [k for _, _, k in dear]
-            cap = self.planner.choose(rows, expected, lengths, num_plain=len(decoding) - len(wanted),
-                                      sticky=bool(dear))  # fmt: skip - a draft model: switching it costs catch-ups
+            # sticky with a draft model: switching it on and off costs catch-ups
+            cap = self.planner.choose(rows, expected, lengths, num_plain=len(decoding) - len(wanted), sticky=bool(dear))
             drafts = {seq_id: guess[:cap] for seq_id, guess in drafts.items() if cap > 0}
             wanted = [(seq, c, min(k, cap)) for seq, c, k in dear] if cap > 0 else []
         self._guess(wanted, drafts)
@@ -671,7 +676,7 @@ class Engine:
         self.scheduler.finish(c.seq)
         self._forget_drafts(c.seq)
         del self._choices[c.seq.seq_id]
-        self._freed_slot = True
+        self._freed_seqs += 1
         with self._cond:
             self._num_live_seqs -= 1
 

@@ -50,7 +50,7 @@ def test_linger_waits_at_most_a_fraction_of_a_step(loaded) -> None:  # noqa: F81
     assert time.monotonic() - started < 0.05
 
 
-def test_linger_is_off_at_zero_and_when_nothing_else_runs(loaded) -> None:  # noqa: F811
+def test_linger_is_off_at_zero(loaded) -> None:  # noqa: F811
     prompt = loaded[2].tokenizer.encode("Hello there").ids
     engine = make_engine(loaded, admit_linger_s=0.0)
     one_ended_one_running(engine, prompt)
@@ -58,11 +58,42 @@ def test_linger_is_off_at_zero_and_when_nothing_else_runs(loaded) -> None:  # no
     started = time.monotonic()
     engine.linger()
     assert time.monotonic() - started < 0.05
+
+
+def test_linger_waits_for_as_many_successors_as_sequences_ended(loaded) -> None:  # noqa: F811
+    # four closed-loop clients whose requests end in one step: all four successors should share the next step,
+    # not the first alone while the other three wait a whole step for the one after
     engine = make_engine(loaded, admit_linger_s=5.0)
-    engine.add_request(GenerationRequest("alone", "m", prompt, greedy(2)))
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    for i in range(2):
+        engine.add_request(GenerationRequest(f"r{i}", "m", prompt, greedy(2)))
     while engine.has_work():
         engine.step()
+    assert engine._freed_seqs == 2 and not engine.scheduler.running
     engine._last_step_s = 100.0
+    first = threading.Timer(0.05, engine.add_request, [GenerationRequest("a", "m", prompt, greedy(2))])
+    second = threading.Timer(0.25, engine.add_request, [GenerationRequest("b", "m", prompt, greedy(2))])
     started = time.monotonic()
-    engine.linger()  # the batch is empty: the loop sleeps until a request comes anyway
+    first.start()
+    second.start()
+    engine.linger()
+    waited = time.monotonic() - started
+    first.join()
+    second.join()
+    assert 0.2 <= waited < 2.0, waited  # past the first arrival, woken by the second, far before the 5 s limit
+    assert [r.id for r in engine._inbox] == ["a", "b"]
+    started = time.monotonic()
+    engine.linger()  # nothing ended since: no wait
     assert time.monotonic() - started < 0.05
+
+
+def test_an_abort_ends_the_linger(loaded) -> None:  # noqa: F811
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
+    engine._last_step_s = 100.0
+    timer = threading.Timer(0.05, engine.abort, ["long"])
+    started = time.monotonic()
+    timer.start()
+    engine.linger()
+    timer.join()
+    assert time.monotonic() - started < 2.0
