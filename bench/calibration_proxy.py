@@ -1,0 +1,165 @@
+"""Which calibration text serves the quantizer best, measured on the CPU in minutes instead of GPU conversions.
+
+For each calibration text: capture every decoder linear's input Hessian on the unquantized default model (calibration
+rows exactly as ``trellis convert`` builds them), run the converter's own regularization and LDLQ with a uniform
+scalar quantizer standing in for the trellis search (the Hessian feedback is the same; only the per-tile search is
+cheaper), then score the result as ``bench/quantize.py`` does: 16 windows of 512 Britannica tokens, KL divergence
+from the unquantized model. The evaluation text itself can be added as a calibration (``eval=@eval``): an oracle
+that shows how much a text closer to the evaluation could still gain, and ``NAME=@heldout`` the same slice past the
+scored windows (never shipped either: it tells the text's kind from the very words scored). The head stays
+unquantized.
+
+    python bench/calibration_proxy.py --bits 3 --text old=DIR --text shipped= --text eval=@eval [--rows 64 --cols 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import converter_worker.quant.calibration as calibration_module  # noqa: E402
+import converter_worker.quant.regularize as regularize_module  # noqa: E402
+from converter_worker.eval import evaluate  # noqa: E402
+from converter_worker.quant.calibration import calibration_rows  # noqa: E402
+from converter_worker.quant.ldlq import LdlqJob, ldlq_many  # noqa: E402
+from converter_worker.quant.linear import dense_from_parts, padded_hessian  # noqa: E402
+from converter_worker.quant.regularize import regularize  # noqa: E402
+from shared.calibration import calibration_text  # noqa: E402
+from shared.exl3_format import padded  # noqa: E402
+
+EVAL_TEXT = REPO / "tests" / "data" / "eval" / "britannica-11th-slice.txt"
+# step of the mean-squared-error-optimal uniform quantizer of a unit Gaussian, by bits (Max, 1960)
+HELDOUT_FROM = 31_000
+GAUSSIAN_STEP = {2: 0.9957, 3: 0.5860, 4: 0.3352, 5: 0.1881, 6: 0.1041}
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def uniform_tiles(tiles: torch.Tensor, K: int, codebook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trellis search's interface with a uniform midrise quantizer: (dummy states, decoded tiles)."""
+    rms = regularize_module.codebook_rms(codebook)
+    step = GAUSSIAN_STEP[K] * rms
+    top = (2**K - 1) / 2
+    decoded = (torch.floor(tiles / step) + 0.5).clamp(-top, top) * step
+    return torch.zeros(tiles.shape[0], 256, dtype=torch.int32, device=tiles.device), decoded
+
+
+def capture_hessians(model: torch.nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """X^T X / n of every decoder linear's inputs (q/k/v and gate/up share theirs, as in the converter)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
+
+            def hook(mod: torch.nn.Module, args: tuple, key: str = name) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                sums[key] = sums.get(key, 0) + x.T @ x
+                counts[key] = counts.get(key, 0) + x.shape[0]
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.inference_mode():
+            for row in rows:
+                model(row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for key, total in sums.items():
+        h = total / counts[key]
+        prefix = key.rsplit(".", 1)[0]
+        shared = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
+        for member in shared.get(key.rsplit(".", 1)[1], (key.rsplit(".", 1)[1],)):
+            out[f"{prefix}.{member}"] = h
+    return out
+
+
+def quantize_dense(weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int) -> torch.Tensor:
+    """The converter's regularize + LDLQ for one linear, uniform tiles inside; the dense [out, in] result."""
+    out_f, in_f = weight.shape
+    w = torch.zeros(padded(in_f), padded(out_f))
+    w[:in_f, :out_f] = weight.float().T
+    h = padded_hessian(hessian, in_f, torch.device("cpu"))
+    reg = regularize(w, h, K, "mul1", torch.Generator().manual_seed(seed))
+    job = LdlqJob(reg.w_hat, reg.hessian, K)
+    ldlq_many([job], "mul1", uniform_tiles)
+    dense = dense_from_parts(job.quantized, reg.suh, reg.svh)
+    return dense[:in_f, :out_f].T.contiguous()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=None, help="default: the default model (imported if needed)")
+    ap.add_argument("--bits", type=int, default=3, choices=sorted(GAUSSIAN_STEP))
+    ap.add_argument("--text", action="append", default=[], metavar="NAME=PATH", help="PATH empty: the shipped text; "
+                    "@eval: the evaluation text (an oracle, never shipped)")  # fmt: skip
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--cols", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0, help="calibration rows' seed (another sample of the same text)")
+    ap.add_argument("--random-fraction", type=float, default=calibration_module.RANDOM_ROW_FRACTION)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    calibration_module.RANDOM_ROW_FRACTION = args.random_fraction
+    regularize_module.quantize_tiles = uniform_tiles  # the global scale search fits the same stand-in quantizer
+    import tokenizers
+    from transformers import AutoModelForCausalLM
+
+    from shared.default_model import ensure_default_model
+    from shared.settings import load_settings
+
+    source = args.model_dir or ensure_default_model(Path(load_settings().models_dir))
+    tokenizer = tokenizers.Tokenizer.from_file(str(source / "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    weights = load_file(source / "model.safetensors")
+    eval_text = EVAL_TEXT.read_text(encoding="utf-8")
+    results = []
+    for spec in args.text or ["shipped="]:
+        name, _, path = spec.partition("=")
+        if path == "@eval":
+            text = eval_text
+        elif path == "@heldout":  # the slice's text past the scored windows (which end near character 30,500)
+            text = eval_text[HELDOUT_FROM:]
+        else:
+            text = calibration_text(Path(path)) if path else calibration_text()
+        t0 = time.perf_counter()
+        rows = calibration_rows(tokenizer, args.rows, args.cols, model.config.vocab_size, args.seed, text)
+        hessians = capture_hessians(model, rows)
+        quantized = dict(weights)
+        for i, key in enumerate(sorted(hessians)):
+            wkey = f"{key}.weight"
+            quantized[wkey] = quantize_dense(weights[wkey], hessians[key], args.bits, seed=i).to(weights[wkey].dtype)
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "model"
+            shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.safetensors"))
+            save_file(quantized, out / "model.safetensors", metadata={"format": "pt"})
+            r = evaluate(out, eval_text, reference_dir=source, windows=16, ctx=512, device="cpu")
+        row = {
+            "text": name,
+            "bits": args.bits,
+            "random_fraction": args.random_fraction,
+            "seed": args.seed,
+            "kl": r.kl_divergence,
+            "ppl": r.perplexity,
+            "top1": r.top1_agreement,
+            "seconds": time.perf_counter() - t0,
+        }
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
