@@ -39,6 +39,7 @@ from inference_worker.speculative import (
     resolve_request,
 )
 from inference_worker.stop import StopChecker
+from inference_worker.successors import SuccessorClock
 from shared import wire
 from shared.detokenize import IncrementalDetokenizer
 from shared.settings import Settings
@@ -50,6 +51,11 @@ Event = tuple[str, dict[str, Any]]
 CPU_KV_CACHE_BYTES = 1 << 30  # with kv_cache_tokens=0 on CPU, the cache stays under ~1 GiB
 GPU_KV_CACHE_FRACTION = 0.9  # with kv_cache_tokens=0 on CUDA, the cache takes this share of free memory
 ADMIT_LINGER_STEP_FRACTION = 0.05  # Engine.linger: the running sequences' inter-token time grows by at most this
+# Engine.linger with nothing running: only successors that came early wait, and a late one would wait a whole step
+ADMIT_LINGER_IDLE_FRACTION = 0.25
+# Engine.linger when this worker's ends are usually followed by successors within a known gap (SuccessorClock): the
+# wait may reach this share of a step (it ends when they arrive, so it usually costs the gap, not this)
+ADMIT_LINGER_EXPECTED_FRACTION = 0.2
 GPU_DRAFT_CACHE_FRACTION = 0.1  # with speculative_draft_cache_tokens=0 on CUDA, the most the draft's cache may take
 
 
@@ -73,8 +79,8 @@ class EngineConfig:
     # cap each step's guesses by the measured cost of steps with and without them (SpeculationPlanner); the worker's
     # default (on) comes from Settings, unit tests opt in
     speculative_by_cost: bool = False
-    # after a step that ended a request, wait up to this long (and at most ADMIT_LINGER_STEP_FRACTION of that step)
-    # for the next request before stepping on without it (Engine.linger); 0: never
+    # after a step that ended requests, wait up to this long (and at most a fraction of that step) for their
+    # successors before stepping on without them (Engine.linger); 0: never
     admit_linger_s: float = 0.0
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
@@ -192,6 +198,7 @@ class Engine:
         self.acceptance_prior = AcceptancePrior()
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
         self._freed_seqs = 0  # sequences ended since the last linger(): the successors it waits for
+        self.successors = SuccessorClock()  # how soon ended requests' successors arrive (under self._cond)
         try:
             self._default_spec = resolve_request(
                 None, cfg.speculative_method, cfg.speculative_tokens, list(self.proposers)
@@ -254,6 +261,7 @@ class Engine:
         with self._cond:
             self._inbox.append(req)
             self._num_live_seqs += max(1, req.params.n)
+            self.successors.arrived(time.monotonic(), max(1, req.params.n))
             self._cond.notify_all()
 
     def abort(self, request_id: str) -> None:
@@ -287,14 +295,20 @@ class Engine:
         moment to arrive (clients that send their next request as soon as one ends, like chat UIs or agents).
         Without it a successor lands just after the next step began and waits all of it, and of several that end
         together only the first makes the next step. With it the running sequences (and a successor that came first)
-        wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step. Returns as soon as as many
-        sequences have arrived as ended, or an abort comes."""
+        wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step; when nothing runs, only
+        early successors wait, against a whole step saved for each late one, so up to ADMIT_LINGER_IDLE_FRACTION.
+        When this worker's ends are usually followed by successors (SuccessorClock) within at most
+        ADMIT_LINGER_EXPECTED_FRACTION of a step, up to that usual gap. Returns as soon as as many sequences have
+        arrived as ended, or an abort comes."""
         freed, self._freed_seqs = self._freed_seqs, 0
         if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting:
             return
-        limit = min(self.cfg.admit_linger_s, ADMIT_LINGER_STEP_FRACTION * self._last_step_s)
-        deadline = time.monotonic() + limit
+        fraction = ADMIT_LINGER_STEP_FRACTION if self.scheduler.running else ADMIT_LINGER_IDLE_FRACTION
         with self._cond:
+            gap = self.successors.expected_gap()
+            if gap is not None and gap <= ADMIT_LINGER_EXPECTED_FRACTION * self._last_step_s:
+                fraction = max(fraction, gap / self._last_step_s)  # a shorter wait than the gap would catch nobody
+            deadline = time.monotonic() + min(self.cfg.admit_linger_s, fraction * self._last_step_s)
             while not self._aborts and sum(max(1, r.params.n) for r in self._inbox) < freed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -679,6 +693,7 @@ class Engine:
         self._freed_seqs += 1
         with self._cond:
             self._num_live_seqs -= 1
+            self.successors.ended(time.monotonic(), 1)
 
     def _finish(self, r: _Request, c: _Choice, reason: str, stop_reason: str | int | None, events: list[Event]) -> None:
         self._release(c)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
-from inference_worker.engine import ADMIT_LINGER_STEP_FRACTION, Engine
+from inference_worker.engine import ADMIT_LINGER_IDLE_FRACTION, ADMIT_LINGER_STEP_FRACTION, Engine
+from inference_worker.successors import SuccessorClock
 from shared.wire import GenerationRequest
 from tests.test_engine import greedy, loaded, make_engine  # noqa: F401
 
@@ -85,6 +86,42 @@ def test_linger_waits_for_as_many_successors_as_sequences_ended(loaded) -> None:
     started = time.monotonic()
     engine.linger()  # nothing ended since: no wait
     assert time.monotonic() - started < 0.05
+
+
+def test_with_nothing_running_the_wait_may_be_a_larger_share_of_a_step(loaded) -> None:  # noqa: F811
+    # nobody's inter-token time is at stake, and a successor that misses the step waits all of it
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    engine.add_request(GenerationRequest("only", "m", prompt, greedy(2)))
+    while engine.has_work():
+        engine.step()
+    engine._last_step_s = 2.0
+    started = time.monotonic()
+    engine.linger()  # nobody comes
+    waited = time.monotonic() - started
+    assert ADMIT_LINGER_IDLE_FRACTION > 2 * ADMIT_LINGER_STEP_FRACTION
+    assert 0.9 * ADMIT_LINGER_IDLE_FRACTION * 2.0 <= waited < 2 * ADMIT_LINGER_IDLE_FRACTION * 2.0, waited
+
+
+def test_when_successors_usually_come_the_wait_covers_their_gap(loaded) -> None:  # noqa: F811
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
+    clock = SuccessorClock()  # a history of ends followed by arrivals 0.2 s later
+    for i in range(8):
+        clock.ended(float(i), 1)
+        clock.arrived(i + 0.2)
+    engine.successors = clock
+    engine._last_step_s = 2.0  # 5 % of a step: 0.1 s; the usual gap with its margin: 0.25 s
+    started = time.monotonic()
+    engine.linger()  # nobody comes this time
+    waited = time.monotonic() - started
+    assert 0.9 * 0.25 <= waited < 0.4, waited
+    one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
+    engine._last_step_s = 1.0  # the gap (0.25 s) is more than 20 % of this step: waiting for it does not pay
+    started = time.monotonic()
+    engine.linger()
+    waited = time.monotonic() - started
+    assert waited < 0.9 * 0.25, waited
 
 
 def test_an_abort_ends_the_linger(loaded) -> None:  # noqa: F811
