@@ -306,7 +306,7 @@ class Engine:
         fraction = ADMIT_LINGER_STEP_FRACTION if self.scheduler.running else ADMIT_LINGER_IDLE_FRACTION
         with self._cond:
             gap = self.successors.expected_gap()
-            if gap is not None and gap <= ADMIT_LINGER_EXPECTED_FRACTION * self._last_step_s:
+            if gap is not None and 0 < self._last_step_s and gap <= ADMIT_LINGER_EXPECTED_FRACTION * self._last_step_s:
                 fraction = max(fraction, gap / self._last_step_s)  # a shorter wait than the gap would catch nobody
             deadline = time.monotonic() + min(self.cfg.admit_linger_s, fraction * self._last_step_s)
             while not self._aborts and sum(max(1, r.params.n) for r in self._inbox) < freed:
