@@ -15,6 +15,7 @@ unquantized.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import sys
@@ -29,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import converter_worker.quant.calibration as calibration_module  # noqa: E402
+import converter_worker.quant.linear as linear_module  # noqa: E402
 import converter_worker.quant.regularize as regularize_module  # noqa: E402
 from converter_worker.eval import evaluate  # noqa: E402
 from converter_worker.quant.calibration import calibration_rows  # noqa: E402
@@ -108,9 +110,12 @@ def main() -> int:
     ap.add_argument("--cols", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0, help="calibration rows' seed (another sample of the same text)")
     ap.add_argument("--random-fraction", type=float, default=calibration_module.RANDOM_ROW_FRACTION)
+    ap.add_argument("--damping", type=float, default=linear_module.DEFAULT_DAMPING, help="times mean(diag H)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     calibration_module.RANDOM_ROW_FRACTION = args.random_fraction
+    linear_module.DEFAULT_DAMPING = args.damping  # padded_hessian's damping of the padded and the real inputs
+    linear_module.damp = functools.partial(linear_module.damp, fraction=args.damping)
     regularize_module.quantize_tiles = uniform_tiles  # the global scale search fits the same stand-in quantizer
     import tokenizers
     from transformers import AutoModelForCausalLM
@@ -149,6 +154,7 @@ def main() -> int:
             "bits": args.bits,
             "random_fraction": args.random_fraction,
             "seed": args.seed,
+            "damping": args.damping,
             "kl": r.kl_divergence,
             "ppl": r.perplexity,
             "top1": r.top1_agreement,
