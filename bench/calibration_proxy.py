@@ -34,11 +34,9 @@ import converter_worker.quant.linear as linear_module  # noqa: E402
 import converter_worker.quant.regularize as regularize_module  # noqa: E402
 from converter_worker.eval import evaluate  # noqa: E402
 from converter_worker.quant.calibration import calibration_rows  # noqa: E402
-from converter_worker.quant.ldlq import LdlqJob, ldlq_many  # noqa: E402
-from converter_worker.quant.linear import dense_from_parts, padded_hessian  # noqa: E402
-from converter_worker.quant.regularize import regularize  # noqa: E402
+from converter_worker.quant.ldlq import ldlq_many  # noqa: E402
+from converter_worker.quant.linear import LinearSpec, dense_from_parts, prepare_linear  # noqa: E402
 from shared.calibration import calibration_text  # noqa: E402
-from shared.exl3_format import padded  # noqa: E402
 
 EVAL_TEXT = REPO / "tests" / "data" / "eval" / "britannica-11th-slice.txt"
 # step of the mean-squared-error-optimal uniform quantizer of a unit Gaussian, by bits (Max, 1960)
@@ -87,17 +85,12 @@ def capture_hessians(model: torch.nn.Module, rows: torch.Tensor) -> dict[str, to
     return out
 
 
-def quantize_dense(weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int) -> torch.Tensor:
+def quantize_dense(name: str, weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int) -> torch.Tensor:
     """The converter's regularize + LDLQ for one linear, uniform tiles inside; the dense [out, in] result."""
+    p = prepare_linear(LinearSpec(name, weight, K, seed, hessian), "mul1", torch.device("cpu"))
+    ldlq_many([p.job], "mul1", uniform_tiles)
     out_f, in_f = weight.shape
-    w = torch.zeros(padded(in_f), padded(out_f))
-    w[:in_f, :out_f] = weight.float().T
-    h = padded_hessian(hessian, in_f, torch.device("cpu"))
-    reg = regularize(w, h, K, "mul1", torch.Generator().manual_seed(seed))
-    job = LdlqJob(reg.w_hat, reg.hessian, K)
-    ldlq_many([job], "mul1", uniform_tiles)
-    dense = dense_from_parts(job.quantized, reg.suh, reg.svh)
-    return dense[:in_f, :out_f].T.contiguous()
+    return dense_from_parts(p.job.quantized, p.reg.suh, p.reg.svh)[:in_f, :out_f].T.contiguous()
 
 
 def main() -> int:
@@ -136,14 +129,15 @@ def main() -> int:
         elif path == "@heldout":  # the slice's text past the scored windows (which end near character 30,500)
             text = eval_text[HELDOUT_FROM:]
         else:
-            text = calibration_text(Path(path)) if path else calibration_text()
+            text = calibration_text(Path(path) if path else None)
         t0 = time.perf_counter()
         rows = calibration_rows(tokenizer, args.rows, args.cols, model.config.vocab_size, args.seed, text)
         hessians = capture_hessians(model, rows)
         quantized = dict(weights)
         for i, key in enumerate(sorted(hessians)):
             wkey = f"{key}.weight"
-            quantized[wkey] = quantize_dense(weights[wkey], hessians[key], args.bits, seed=i).to(weights[wkey].dtype)
+            dense = quantize_dense(key, weights[wkey], hessians[key], args.bits, seed=i)
+            quantized[wkey] = dense.to(weights[wkey].dtype)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "model"
             shutil.copytree(source, out, ignore=shutil.ignore_patterns("model.safetensors"))

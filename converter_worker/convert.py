@@ -101,16 +101,10 @@ class ConvertOptions:
     checkpoint_seconds: float = 60.0  # least time between checkpoints (the last block always checkpoints)
     max_shard_bytes: int = 4 * 1024**3
 
-    def calibration_text(self) -> str:
-        try:
-            return calibration_text(self.cal_text) if self.cal_text is not None else calibration_text()
-        except (OSError, ValueError) as exc:
-            raise ConversionError(f"cannot read the calibration text: {exc}") from exc
-
-    def result_args(self) -> dict[str, Any]:
+    def result_args(self, cal_text_sha256: str) -> dict[str, Any]:
         values = asdict(self)
         values["input"] = str(Path(self.input).resolve())
-        values["cal_text_sha256"] = text_digest(self.calibration_text())
+        values["cal_text_sha256"] = cal_text_sha256
         return {name: values[name] for name in RESULT_ARGS}
 
 
@@ -222,6 +216,10 @@ class Converter:
             raise ConversionError(f"unknown codebook {opts.codebook!r}; expected one of {', '.join(CODEBOOKS)}")
         if opts.cal_rows < 1 or opts.cal_cols < 2:
             raise ConversionError(f"calibration needs at least 1 row of 2 tokens, got {opts.cal_rows}x{opts.cal_cols}")
+        try:
+            self.calibration_text = calibration_text(opts.cal_text)  # read once: hashed for resumes, then tokenized
+        except (OSError, ValueError) as exc:
+            raise ConversionError(f"cannot read the calibration text: {exc}") from exc
         self.opts, self.resume = opts, resume
         self.work = Path(opts.work_dir)
         self.progress = progress or (lambda _event: None)
@@ -242,7 +240,7 @@ class Converter:
 
     def _prepare_work_dir(self) -> None:
         args_path = self.work / ARGS_FILE
-        wanted = self.opts.result_args()
+        wanted = self.opts.result_args(text_digest(self.calibration_text))
         if args_path.is_file():
             if not self.resume:
                 raise ConversionError(
@@ -250,16 +248,17 @@ class Converter:
                 )
             saved = json.loads(args_path.read_text())
             for name in RESULT_ARGS:
-                if name == "cal_text_sha256" and saved.get(name) != wanted[name]:
+                if saved.get(name) == wanted[name]:
+                    continue
+                if name == "cal_text_sha256":
                     raise ConversionError(
                         f"cannot resume: the calibration text differs from the one the conversion in {self.work} "
                         "started with, and changing it would change the result"
                     )
-                if saved.get(name) != wanted[name]:
-                    raise ConversionError(
-                        f"cannot resume with {name}={wanted[name]!r}: the conversion in {self.work} was started "
-                        f"with {name}={saved.get(name)!r}, and changing it would change the result"
-                    )
+                raise ConversionError(
+                    f"cannot resume with {name}={wanted[name]!r}: the conversion in {self.work} was started "
+                    f"with {name}={saved.get(name)!r}, and changing it would change the result"
+                )
             return
         if self.work.exists() and any(p.name != SOURCE_DIR for p in self.work.iterdir()):
             raise ConversionError(f"work dir {self.work} is not empty and holds no conversion ({ARGS_FILE} is missing)")
@@ -351,8 +350,9 @@ class Converter:
             raise ConversionError(f"{self.source_dir} has no tokenizer.json, which calibration needs")
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
         opts = self.opts
-        text = opts.calibration_text()
-        rows = calibration_rows(tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed, text)
+        rows = calibration_rows(
+            tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed, self.calibration_text
+        )
         embed = self._tensor("model.embed_tokens.weight").float()
         return embed[rows].to(self.device)
 

@@ -9,9 +9,10 @@ from pathlib import Path
 CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration_text"
 
 
-def calibration_text(source: Path = CALIBRATION_DIR) -> str:
-    """A text file's contents, or every ``*.txt`` in a folder in name order joined by blank lines."""
-    source = Path(source)
+def calibration_text(source: Path | None = None) -> str:
+    """A text file's contents, or every ``*.txt`` in a folder in name order joined by blank lines; None: the text
+    that ships with Trellis."""
+    source = CALIBRATION_DIR if source is None else Path(source)
     if source.is_file():
         files = [source]
     elif source.is_dir():

@@ -8,7 +8,7 @@ import torch
 
 from converter_worker.quant.hessian import DEFAULT_DAMPING, damp
 from converter_worker.quant.ldlq import LdlqJob, TileQuantizer, ldlq_many, proxy_error
-from converter_worker.quant.regularize import block_hadamard, regularize
+from converter_worker.quant.regularize import Regularized, block_hadamard, regularize
 from converter_worker.quant.viterbi import quantize_tiles
 from shared.exl3_format import Exl3Tensors, padded
 
@@ -55,33 +55,47 @@ def dense_from_parts(quantized: torch.Tensor, suh: torch.Tensor, svh: torch.Tens
     return block_hadamard(w, 1) * svh.float().unsqueeze(0)
 
 
+@dataclass
+class PreparedLinear:
+    """One linear ready for LDLQ: its padded weight (EXL3 orientation) and damped Hessian, the regularized target
+    and the job that ``ldlq_many`` fills."""
+
+    spec: LinearSpec
+    w: torch.Tensor  # float32 [in_pad, out_pad]
+    hessian: torch.Tensor  # float64 [in_pad, in_pad], damped
+    reg: Regularized
+    job: LdlqJob
+
+
+def prepare_linear(spec: LinearSpec, codebook: str, device: torch.device) -> PreparedLinear:
+    """Pad, damp and regularize one linear (seeded by ``spec.seed``)."""
+    if spec.weight.dim() != 2:
+        raise ValueError(f"{spec.name}: weight must be 2-D [out, in], got shape {tuple(spec.weight.shape)}")
+    if not isinstance(spec.K, int) or not 1 <= spec.K <= 8:
+        raise ValueError(f"{spec.name}: bits per weight must be an integer in 1..8, got {spec.K!r}")
+    out_f, in_f = spec.weight.shape
+    w = torch.zeros(padded(in_f), padded(out_f), device=device)
+    w[:in_f, :out_f] = spec.weight.to(device, torch.float32).T
+    h = padded_hessian(spec.hessian, in_f, device)
+    reg = regularize(w, h, spec.K, codebook, torch.Generator().manual_seed(spec.seed))
+    return PreparedLinear(spec, w, h, reg, LdlqJob(reg.w_hat, reg.hessian, spec.K))
+
+
 def quantize_linears(
     specs: list[LinearSpec], codebook: str, device: torch.device | str = "cpu", quantize: TileQuantizer = quantize_tiles
 ) -> list[LinearResult]:
     """Quantize several linears together (their strips share trellis searches); results in the same order."""
     device = torch.device(device)
-    prepared = []
-    for spec in specs:
-        if spec.weight.dim() != 2:
-            raise ValueError(f"{spec.name}: weight must be 2-D [out, in], got shape {tuple(spec.weight.shape)}")
-        if not isinstance(spec.K, int) or not 1 <= spec.K <= 8:
-            raise ValueError(f"{spec.name}: bits per weight must be an integer in 1..8, got {spec.K!r}")
-        out_f, in_f = spec.weight.shape
-        w = torch.zeros(padded(in_f), padded(out_f), device=device)
-        w[:in_f, :out_f] = spec.weight.to(device, torch.float32).T
-        h = padded_hessian(spec.hessian, in_f, device)
-        gen = torch.Generator().manual_seed(spec.seed)
-        reg = regularize(w, h, spec.K, codebook, gen)
-        prepared.append((spec, w, h, reg, LdlqJob(reg.w_hat, reg.hessian, spec.K)))
-    ldlq_many([job for *_, job in prepared], codebook, quantize)
+    prepared = [prepare_linear(spec, codebook, device) for spec in specs]
+    ldlq_many([p.job for p in prepared], codebook, quantize)
     results = []
-    for spec, w, h, reg, job in prepared:
-        out_f, in_f = spec.weight.shape
-        suh, svh = reg.suh.clone(), reg.svh.clone()
+    for p in prepared:
+        out_f, in_f = p.spec.weight.shape
+        suh, svh = p.reg.suh.clone(), p.reg.svh.clone()
         suh[in_f:] = 0  # padded rows and columns of the stored weight are exactly zero
         svh[out_f:] = 0
-        dense = dense_from_parts(job.quantized, suh, svh)
-        bias = None if spec.bias is None else spec.bias.detach().to("cpu", torch.float16)
-        tensors = Exl3Tensors(job.trellis.cpu(), suh.cpu(), svh.cpu(), codebook, bias, in_f, out_f)
-        results.append(LinearResult(spec.name, tensors, proxy_error(w, dense, h)))
+        dense = dense_from_parts(p.job.quantized, suh, svh)
+        bias = None if p.spec.bias is None else p.spec.bias.detach().to("cpu", torch.float16)
+        tensors = Exl3Tensors(p.job.trellis.cpu(), suh.cpu(), svh.cpu(), codebook, bias, in_f, out_f)
+        results.append(LinearResult(p.spec.name, tensors, proxy_error(p.w, dense, p.hessian)))
     return results
