@@ -258,10 +258,11 @@ class Engine:
 
     # -- any thread ---------------------------------------------------------------------------------------------------
     def add_request(self, req: wire.GenerationRequest) -> None:
+        seqs = max(1, req.params.n)
         with self._cond:
             self._inbox.append(req)
-            self._num_live_seqs += max(1, req.params.n)
-            self.successors.arrived(time.monotonic(), max(1, req.params.n))
+            self._num_live_seqs += seqs
+            self.successors.arrived(time.monotonic(), seqs)
             self._cond.notify_all()
 
     def abort(self, request_id: str) -> None:

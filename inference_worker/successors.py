@@ -39,8 +39,8 @@ class SuccessorClock:
 
     def expected_gap(self) -> float | None:
         """How long to wait for successors (seconds), or None when recent ends were mostly not followed."""
-        if len(self._followed) < MIN_SAMPLES or sum(self._followed) < LIKELY * len(self._followed) or not self._gaps:
-            return None
+        if len(self._followed) < MIN_SAMPLES or sum(self._followed) < LIKELY * len(self._followed):
+            return None  # (past this, some end was followed, so there are gaps)
         gaps = sorted(self._gaps)
         return GAP_MARGIN * gaps[min(len(gaps) - 1, int(GAP_QUANTILE * len(gaps)))]
 
