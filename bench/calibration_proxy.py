@@ -34,9 +34,14 @@ import converter_worker.quant.linear as linear_module  # noqa: E402
 import converter_worker.quant.regularize as regularize_module  # noqa: E402
 from converter_worker.eval import evaluate  # noqa: E402
 from converter_worker.quant.calibration import calibration_rows  # noqa: E402
+from converter_worker.quant.capture import InputCapture  # noqa: E402
+from converter_worker.quant.layout import quantized_linears  # noqa: E402
 from converter_worker.quant.ldlq import ldlq_many  # noqa: E402
 from converter_worker.quant.linear import LinearSpec, dense_from_parts, prepare_linear  # noqa: E402
+from inference_worker.models import find_spec  # noqa: E402
+from inference_worker.models.decoder import DecoderConfig  # noqa: E402
 from shared.calibration import calibration_text  # noqa: E402
+from shared.model_dir import load_config  # noqa: E402
 
 EVAL_TEXT = REPO / "tests" / "data" / "eval" / "britannica-11th-slice.txt"
 # step of the mean-squared-error-optimal uniform quantizer of a unit Gaussian, by bits (Max, 1960)
@@ -54,35 +59,18 @@ def uniform_tiles(tiles: torch.Tensor, K: int, codebook: str) -> tuple[torch.Ten
     return torch.zeros(tiles.shape[0], 256, dtype=torch.int32, device=tiles.device), decoded
 
 
-def capture_hessians(model: torch.nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """X^T X / n of every decoder linear's inputs (q/k/v and gate/up share theirs, as in the converter)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj")):
-
-            def hook(mod: torch.nn.Module, args: tuple, key: str = name) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                sums[key] = sums.get(key, 0) + x.T @ x
-                counts[key] = counts.get(key, 0) + x.shape[0]
-
-            hooks.append(module.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for row in rows:
-                model(row[None])
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for key, total in sums.items():
-        h = total / counts[key]
-        prefix = key.rsplit(".", 1)[0]
-        shared = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
-        for member in shared.get(key.rsplit(".", 1)[1], (key.rsplit(".", 1)[1],)):
-            out[f"{prefix}.{member}"] = h
-    return out
+def capture_hessians(model: torch.nn.Module, rows: torch.Tensor, source: Path) -> dict[str, torch.Tensor]:
+    """X^T X / n of every decoder linear's inputs, grouped as the converter groups them (quant/layout.py)."""
+    raw = load_config(source)
+    spec = find_spec(raw)
+    config = DecoderConfig.from_hf(raw, spec)
+    linears = [q for layer in range(config.num_hidden_layers) for q in quantized_linears(spec, config, layer)]
+    modules = dict(model.named_modules())
+    capture = InputCapture({q.name: modules[q.name] for q in linears}, {q.name: q.input_group for q in linears}, "cpu")
+    with capture.recording(), torch.inference_mode():
+        for row in rows:
+            model(row[None])
+    return capture.hessians()
 
 
 def quantize_dense(name: str, weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int) -> torch.Tensor:
@@ -132,7 +120,7 @@ def main() -> int:
             text = calibration_text(Path(path) if path else None)
         t0 = time.perf_counter()
         rows = calibration_rows(tokenizer, args.rows, args.cols, model.config.vocab_size, args.seed, text)
-        hessians = capture_hessians(model, rows)
+        hessians = capture_hessians(model, rows, source)
         quantized = dict(weights)
         for i, key in enumerate(sorted(hessians)):
             wkey = f"{key}.weight"
