@@ -37,7 +37,8 @@ from converter_worker.quant.calibration import calibration_rows  # noqa: E402
 from converter_worker.quant.capture import InputCapture  # noqa: E402
 from converter_worker.quant.layout import quantized_linears  # noqa: E402
 from converter_worker.quant.ldlq import ldlq_many  # noqa: E402
-from converter_worker.quant.linear import LinearSpec, dense_from_parts, prepare_linear  # noqa: E402
+from converter_worker.quant.linear import LinearSpec, dense_from_parts, prepare_linear, stored_scales  # noqa: E402
+from converter_worker.quant.refit import REFIT_ROUNDS  # noqa: E402
 from inference_worker.models import find_spec  # noqa: E402
 from inference_worker.models.decoder import DecoderConfig  # noqa: E402
 from shared.calibration import calibration_text  # noqa: E402
@@ -73,12 +74,15 @@ def capture_hessians(model: torch.nn.Module, rows: torch.Tensor, source: Path) -
     return capture.hessians()
 
 
-def quantize_dense(name: str, weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int) -> torch.Tensor:
-    """The converter's regularize + LDLQ for one linear, uniform tiles inside; the dense [out, in] result."""
-    p = prepare_linear(LinearSpec(name, weight, K, seed, hessian), "mul1", torch.device("cpu"))
+def quantize_dense(
+    name: str, weight: torch.Tensor, hessian: torch.Tensor, K: int, seed: int, refit_rounds: int
+) -> torch.Tensor:
+    """The converter's regularize + LDLQ + scale refit for one linear, uniform tiles inside; the dense [out, in]."""
+    p = prepare_linear(LinearSpec(name, weight, K, seed, hessian), "mul1", torch.device("cpu"), uniform_tiles)
     ldlq_many([p.job], "mul1", uniform_tiles)
+    suh, svh, _ = stored_scales(p, refit_rounds)
     out_f, in_f = weight.shape
-    return dense_from_parts(p.job.quantized, p.reg.suh, p.reg.svh)[:in_f, :out_f].T.contiguous()
+    return dense_from_parts(p.job.quantized, suh, svh)[:in_f, :out_f].T.contiguous()
 
 
 def main() -> int:
@@ -92,12 +96,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="calibration rows' seed (another sample of the same text)")
     ap.add_argument("--random-fraction", type=float, default=calibration_module.RANDOM_ROW_FRACTION)
     ap.add_argument("--damping", type=float, default=linear_module.DEFAULT_DAMPING, help="times mean(diag H)")
+    ap.add_argument("--refit-rounds", type=int, default=REFIT_ROUNDS, help="0: keep the regularization's scales")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     calibration_module.RANDOM_ROW_FRACTION = args.random_fraction
     linear_module.DEFAULT_DAMPING = args.damping  # padded_hessian's damping of the padded and the real inputs
     linear_module.damp = functools.partial(linear_module.damp, fraction=args.damping)
-    regularize_module.quantize_tiles = uniform_tiles  # the global scale search fits the same stand-in quantizer
     import tokenizers
     from transformers import AutoModelForCausalLM
 
@@ -124,7 +128,7 @@ def main() -> int:
         quantized = dict(weights)
         for i, key in enumerate(sorted(hessians)):
             wkey = f"{key}.weight"
-            dense = quantize_dense(key, weights[wkey], hessians[key], args.bits, seed=i)
+            dense = quantize_dense(key, weights[wkey], hessians[key], args.bits, seed=i, refit_rounds=args.refit_rounds)
             quantized[wkey] = dense.to(weights[wkey].dtype)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "model"
@@ -137,6 +141,7 @@ def main() -> int:
             "random_fraction": args.random_fraction,
             "seed": args.seed,
             "damping": args.damping,
+            "refit_rounds": args.refit_rounds,
             "kl": r.kl_divergence,
             "ppl": r.perplexity,
             "top1": r.top1_agreement,

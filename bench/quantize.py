@@ -5,6 +5,7 @@
     python bench/quantize.py --skip-model         # kernel and layer only (a minute or two)
     python bench/quantize.py --json out.json      # also write the figures as JSON
     python bench/quantize.py --bits 4 --cal-text shipped= --cal-text mine=texts/   # compare calibration texts
+    python bench/quantize.py --bits 4 --refit-rounds 0 --scale-tiles 8   # quantizer knobs (defaults: the converter's)
 
 Sections (each prints its own lines; a summary table comes last):
 1. Trellis search: the Triton kernel against the torch reference on the same GPU (tiles/s), and that both find
@@ -33,6 +34,8 @@ from safetensors.torch import save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import converter_worker.quant.linear as linear_module  # noqa: E402
+import converter_worker.quant.regularize as regularize_module  # noqa: E402
 from converter_worker.convert import ConvertOptions, convert  # noqa: E402
 from converter_worker.eval import evaluate  # noqa: E402
 from converter_worker.quant.linear import LinearSpec, quantize_linears  # noqa: E402
@@ -131,7 +134,8 @@ def write_rtn_model(source: Path, out: Path, bits: int, head_bits: int = 6) -> P
     config = load_config(source)
     if "lm_head.weight" not in tensors:
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    tensors["lm_head.weight"] = _rtn(tensors["lm_head.weight"], head_bits).to(torch.bfloat16)
+    if head_bits < 16:  # 16: the head stays bf16, as `trellis convert -hb 16` keeps it
+        tensors["lm_head.weight"] = _rtn(tensors["lm_head.weight"], head_bits).to(torch.bfloat16)
     config["tie_word_embeddings"] = False
     save_file(tensors, str(out / "model.safetensors"), {"format": "pt"})
     for f in source.iterdir():
@@ -159,6 +163,7 @@ def bench_model(
     cal_rows: int,
     cal_cols: int,
     variants: list[tuple[str, Path | None]],
+    head_bits: int = 6,
 ) -> list[dict]:
     from shared.default_model import ensure_default_model
 
@@ -166,7 +171,8 @@ def bench_model(
     text = EVAL_TEXT.read_text(encoding="utf-8")
     rows = []
     for bits in bits_list:
-        rtn = evaluate(write_rtn_model(source, workdir / f"rtn-{bits}", int(bits)), text, source, 16, 512, str(device))
+        rtn_model = write_rtn_model(source, workdir / f"rtn-{bits}", int(bits), head_bits)
+        rtn = evaluate(rtn_model, text, source, 16, 512, str(device))
         for name, cal_text in variants:
             out, work = workdir / f"exl3-{bits}-{name}", workdir / f"work-{bits}-{name}"
             opts = ConvertOptions(
@@ -174,7 +180,7 @@ def bench_model(
                 out,
                 work,
                 bits,
-                head_bits=6,
+                head_bits=head_bits,
                 codebook="mul1",
                 cal_rows=cal_rows,
                 cal_cols=cal_cols,
@@ -190,6 +196,10 @@ def bench_model(
             row = {
                 "bits": bits,
                 "calibration": name,
+                "head_bits": head_bits,
+                "refit_rounds": linear_module.REFIT_ROUNDS,
+                "scale_tiles": regularize_module.SCALE_SAMPLE_TILES,
+                "scale_factors": list(regularize_module.SCALE_FACTORS),
                 "convert_seconds": seconds,
                 "tokens": q.tokens,
                 "ppl": q.perplexity,
@@ -222,8 +232,18 @@ def main() -> int:
         help="calibration text to convert with (a .txt file or folder; NAME= alone: the shipped text); repeat to "
         "compare several in one run",
     )
+    parser.add_argument("--head-bits", type=int, default=6, help="the issue's protocol: 6 (16 keeps the head bf16)")
+    parser.add_argument("--refit-rounds", type=int, default=linear_module.REFIT_ROUNDS, help="scale refit rounds")
+    parser.add_argument("--scale-tiles", type=int, default=regularize_module.SCALE_SAMPLE_TILES,
+                        help="tiles sampled by the global scale search")  # fmt: skip
+    parser.add_argument("--scale-factors", default=",".join(map(str, regularize_module.SCALE_FACTORS)),
+                        help="global scale candidates (times RMS matching), ascending")  # fmt: skip
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    # benchmark-only knobs: the converter reads these module settings at each linear
+    linear_module.REFIT_ROUNDS = args.refit_rounds
+    regularize_module.SCALE_SAMPLE_TILES = args.scale_tiles
+    regularize_module.SCALE_FACTORS = tuple(float(f) for f in args.scale_factors.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}", flush=True)
     results: dict = {"search": bench_search(device, args.tiles if device.type == "cuda" else 8)}
@@ -233,7 +253,9 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             bits = [float(b) for b in args.bits.split(",")]
             variants = calibration_variants(args.cal_text)
-            results["model"] = bench_model(device, bits, Path(tmp), args.cal_rows, args.cal_cols, variants)
+            results["model"] = bench_model(
+                device, bits, Path(tmp), args.cal_rows, args.cal_cols, variants, args.head_bits
+            )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -74,7 +74,8 @@ def test_proxy_error_falls_as_bits_rise() -> None:
     for K in (1, 2, 3, 4):
         (result,) = quantize_linears([LinearSpec("w", w, K, seed=5, hessian=h)], "mul1")
         errors.append(_true_proxy(w, _dense(result), h))
-        assert result.proxy_error == pytest.approx(errors[-1], rel=0.2)
+        # the reported figure is the one the quantizer minimizes: with the damped Hessian
+        assert result.proxy_error == pytest.approx(_true_proxy(w, _dense(result), damp(h)), rel=0.02)
     assert all(a > 2.5 * b for a, b in zip(errors, errors[1:], strict=False)), errors
 
 

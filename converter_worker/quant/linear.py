@@ -8,6 +8,7 @@ import torch
 
 from converter_worker.quant.hessian import DEFAULT_DAMPING, damp
 from converter_worker.quant.ldlq import LdlqJob, TileQuantizer, ldlq_many, proxy_error
+from converter_worker.quant.refit import REFIT_ROUNDS, refit_scales
 from converter_worker.quant.regularize import Regularized, block_hadamard, regularize
 from converter_worker.quant.viterbi import quantize_tiles
 from shared.exl3_format import Exl3Tensors, padded
@@ -67,8 +68,10 @@ class PreparedLinear:
     job: LdlqJob
 
 
-def prepare_linear(spec: LinearSpec, codebook: str, device: torch.device) -> PreparedLinear:
-    """Pad, damp and regularize one linear (seeded by ``spec.seed``)."""
+def prepare_linear(
+    spec: LinearSpec, codebook: str, device: torch.device, quantize: TileQuantizer = quantize_tiles
+) -> PreparedLinear:
+    """Pad, damp and regularize one linear (seeded by ``spec.seed``; ``quantize``: the tile search)."""
     if spec.weight.dim() != 2:
         raise ValueError(f"{spec.name}: weight must be 2-D [out, in], got shape {tuple(spec.weight.shape)}")
     if not isinstance(spec.K, int) or not 1 <= spec.K <= 8:
@@ -77,8 +80,29 @@ def prepare_linear(spec: LinearSpec, codebook: str, device: torch.device) -> Pre
     w = torch.zeros(padded(in_f), padded(out_f), device=device)
     w[:in_f, :out_f] = spec.weight.to(device, torch.float32).T
     h = padded_hessian(spec.hessian, in_f, device)
-    reg = regularize(w, h, spec.K, codebook, torch.Generator().manual_seed(spec.seed))
+    reg = regularize(w, h, spec.K, codebook, torch.Generator().manual_seed(spec.seed), quantize)
     return PreparedLinear(spec, w, h, reg, LdlqJob(reg.w_hat, reg.hessian, spec.K))
+
+
+def stored_scales(p: PreparedLinear, refit_rounds: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(suh, svh, proxy error) to store once LDLQ has run: the regularization's scales, refit to the codes in the
+    Hessian's metric (quant/refit.py) when that lowers the proxy error after rounding to float16; padded rows and
+    columns exactly zero. ``refit_rounds`` None: REFIT_ROUNDS."""
+    refit_rounds = REFIT_ROUNDS if refit_rounds is None else refit_rounds
+    out_f, in_f = p.spec.weight.shape
+    suh, svh = p.reg.suh.clone(), p.reg.svh.clone()
+    suh[in_f:] = 0
+    svh[out_f:] = 0
+    dense = dense_from_parts(p.job.quantized, suh, svh)
+    error = proxy_error(p.w, dense, p.hessian)
+    if refit_rounds <= 0:
+        return suh, svh, error
+    r, c = refit_scales(p.w[:in_f, :out_f], dense[:in_f, :out_f], p.hessian[:in_f, :in_f], refit_rounds)
+    suh_fit, svh_fit = suh.clone(), svh.clone()
+    suh_fit[:in_f] = (suh[:in_f].double() * r).to(torch.float16)
+    svh_fit[:out_f] = (svh[:out_f].double() * c).to(torch.float16)
+    error_fit = proxy_error(p.w, dense_from_parts(p.job.quantized, suh_fit, svh_fit), p.hessian)
+    return (suh_fit, svh_fit, error_fit) if error_fit < error else (suh, svh, error)
 
 
 def quantize_linears(
@@ -86,16 +110,13 @@ def quantize_linears(
 ) -> list[LinearResult]:
     """Quantize several linears together (their strips share trellis searches); results in the same order."""
     device = torch.device(device)
-    prepared = [prepare_linear(spec, codebook, device) for spec in specs]
+    prepared = [prepare_linear(spec, codebook, device, quantize) for spec in specs]
     ldlq_many([p.job for p in prepared], codebook, quantize)
     results = []
     for p in prepared:
         out_f, in_f = p.spec.weight.shape
-        suh, svh = p.reg.suh.clone(), p.reg.svh.clone()
-        suh[in_f:] = 0  # padded rows and columns of the stored weight are exactly zero
-        svh[out_f:] = 0
-        dense = dense_from_parts(p.job.quantized, suh, svh)
+        suh, svh, error = stored_scales(p)
         bias = None if p.spec.bias is None else p.spec.bias.detach().to("cpu", torch.float16)
         tensors = Exl3Tensors(p.job.trellis.cpu(), suh.cpu(), svh.cpu(), codebook, bias, in_f, out_f)
-        results.append(LinearResult(p.spec.name, tensors, proxy_error(p.w, dense, p.hessian)))
+        results.append(LinearResult(p.spec.name, tensors, error))
     return results
