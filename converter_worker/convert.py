@@ -53,7 +53,7 @@ from converter_worker.quant.calibration import calibration_rows
 from converter_worker.quant.hessian import HessianAccumulator
 from converter_worker.quant.layout import norm_tensors, quantized_linears, routing_linears
 from converter_worker.quant.ldlq import TileQuantizer
-from converter_worker.quant.linear import LinearSpec, quantize_linears
+from converter_worker.quant.linear import QUANTIZER_REVISION, LinearSpec, quantize_linears
 from converter_worker.quant.viterbi import quantize_tiles
 from inference_worker.layers import DenseLinear, Linear, RMSNorm, RotaryEmbedding
 from inference_worker.models import ARCHITECTURES, find_spec
@@ -71,7 +71,17 @@ FINISHED_FILE = "finished.json"
 BLOCKS_DIR = "blocks"
 SOURCE_DIR = "source"
 # fixed once started; the calibration text by its digest (the same words, wherever the file lives)
-RESULT_ARGS = ("input", "bits", "head_bits", "codebook", "cal_rows", "cal_cols", "seed", "cal_text_sha256")
+RESULT_ARGS = (
+    "input",
+    "bits",
+    "head_bits",
+    "codebook",
+    "cal_rows",
+    "cal_cols",
+    "seed",
+    "cal_text_sha256",
+    "quantizer_revision",
+)
 _NOT_COPIED = {CONFIG_FILE, WEIGHTS_INDEX_FILE, QUANT_CONFIG_FILE}
 _WEIGHT_SUFFIXES = {".safetensors", ".gguf", ".bin", ".pt", ".pth", ".ckpt"}
 _DTYPE_BYTES = {"F16": 2, "BF16": 2, "F32": 4, "I16": 2, "I32": 4, "I64": 8, "U8": 1, "I8": 1}
@@ -105,6 +115,7 @@ class ConvertOptions:
         values = asdict(self)
         values["input"] = str(Path(self.input).resolve())
         values["cal_text_sha256"] = cal_text_sha256
+        values["quantizer_revision"] = QUANTIZER_REVISION
         return {name: values[name] for name in RESULT_ARGS}
 
 
@@ -254,6 +265,12 @@ class Converter:
                     raise ConversionError(
                         f"cannot resume: the calibration text differs from the one the conversion in {self.work} "
                         "started with, and changing it would change the result"
+                    )
+                if name == "quantizer_revision":
+                    raise ConversionError(
+                        f"cannot resume: the conversion in {self.work} was started by another version of the "
+                        f"quantizer (revision {saved.get(name)!r}, this one is {wanted[name]!r}); start it again "
+                        "in an empty work dir"
                     )
                 raise ConversionError(
                     f"cannot resume with {name}={wanted[name]!r}: the conversion in {self.work} was started "

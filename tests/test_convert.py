@@ -16,6 +16,7 @@ from converter_worker.cli import cli_convert
 from converter_worker.convert import ConversionError, ConvertOptions, convert
 from converter_worker.eval import evaluate
 from converter_worker.quant.bits import LinearShape, allocate_bits, average_bits
+from converter_worker.quant.linear import QUANTIZER_REVISION
 from inference_worker.loader import load_model
 from shared.calibration import text_digest
 from shared.exl3_format import read_quantization_config
@@ -144,6 +145,19 @@ def test_resume_refuses_a_different_calibration_text(source: Path, tmp_path: Pat
         convert(default, resume=True)
     text.write_text("Other words now. " * 20, encoding="utf-8")  # same path, new contents: still refused
     with pytest.raises(ConversionError, match="calibration text differs"):
+        convert(opts, resume=True)
+
+
+def test_resume_refuses_a_work_dir_from_another_quantizer_revision(source: Path, tmp_path: Path) -> None:
+    opts = ConvertOptions(source, tmp_path / "out", tmp_path / "work", bits=3.0, cal_rows=4, cal_cols=16)
+    with pytest.raises(ConversionError, match="stopped before block 0"):
+        convert(opts, stop=lambda: True)
+    args_path = tmp_path / "work" / "args.json"
+    saved = json.loads(args_path.read_text())
+    assert saved["quantizer_revision"] == QUANTIZER_REVISION
+    del saved["quantizer_revision"]  # as a work dir from before revisions were recorded
+    args_path.write_text(json.dumps(saved))
+    with pytest.raises(ConversionError, match=r"another version of the quantizer \(revision None"):
         convert(opts, resume=True)
 
 

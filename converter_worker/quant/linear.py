@@ -13,6 +13,10 @@ from converter_worker.quant.regularize import Regularized, block_hadamard, regul
 from converter_worker.quant.viterbi import quantize_tiles
 from shared.exl3_format import Exl3Tensors, padded
 
+# Bump when a change alters the codes or scales a conversion writes: a work dir started by another revision is not
+# resumed (its finished blocks would mix two quantizers in one model). 2: scale refit and the 64-tile scale search.
+QUANTIZER_REVISION = 2
+
 
 @dataclass
 class LinearSpec:
