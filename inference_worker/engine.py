@@ -54,8 +54,14 @@ ADMIT_LINGER_STEP_FRACTION = 0.05  # Engine.linger: the running sequences' inter
 # Engine.linger with nothing running: only successors that came early wait, and a late one would wait a whole step
 ADMIT_LINGER_IDLE_FRACTION = 0.25
 # Engine.linger when this worker's ends are usually followed by successors within a known gap (SuccessorClock): the
-# wait may reach this share of a step (it ends when they arrive, so it usually costs the gap, not this)
+# wait may reach this share of a step (it ends when they arrive, so it usually costs the gap, not this) ...
 ADMIT_LINGER_EXPECTED_FRACTION = 0.2
+# ... or more when ends are rare: a wait is paid only on steps that end sequences, so the running sequences'
+# inter-token time grows on average by (ends per step) x (wait / step); the wait may be as long as keeps that
+# average under this share (e.g. 4 streams of 32 tokens end 1/8 of a sequence per step: up to 32 % of a step) ...
+ADMIT_LINGER_AMORTIZED_SHARE = 0.04
+ADMIT_LINGER_MAX_FRACTION = 0.5  # ... but never more than this share of a step
+ENDS_PER_STEP_DECAY = 0.05  # the ends-per-step average forgets with this weight per step (~20-step memory)
 GPU_DRAFT_CACHE_FRACTION = 0.1  # with speculative_draft_cache_tokens=0 on CUDA, the most the draft's cache may take
 
 
@@ -198,6 +204,7 @@ class Engine:
         self.acceptance_prior = AcceptancePrior()
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
         self._freed_seqs = 0  # sequences ended since the last linger(): the successors it waits for
+        self._ends_per_step = 1.0  # running average of sequences ended per step (starts pessimistic: no amortizing)
         self.successors = SuccessorClock()  # how soon ended requests' successors arrive (under self._cond)
         try:
             self._default_spec = resolve_request(
@@ -299,15 +306,17 @@ class Engine:
         wait at most ``admit_linger_s`` and at most ADMIT_LINGER_STEP_FRACTION of a step; when nothing runs, only
         early successors wait, against a whole step saved for each late one, so up to ADMIT_LINGER_IDLE_FRACTION.
         When this worker's ends are usually followed by successors (SuccessorClock) within at most
-        ADMIT_LINGER_EXPECTED_FRACTION of a step, up to that usual gap. Returns as soon as as many sequences have
-        arrived as ended, or an abort comes."""
+        ADMIT_LINGER_EXPECTED_FRACTION of a step, or within what keeps the running sequences' average slowdown
+        under ADMIT_LINGER_AMORTIZED_SHARE given how often sequences end, up to that usual gap. Returns as soon as
+        as many sequences have arrived as ended, or an abort comes."""
         freed, self._freed_seqs = self._freed_seqs, 0
+        self._ends_per_step += ENDS_PER_STEP_DECAY * (freed - self._ends_per_step)
         if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting:
             return
         fraction = ADMIT_LINGER_STEP_FRACTION if self.scheduler.running else ADMIT_LINGER_IDLE_FRACTION
         with self._cond:
             gap = self.successors.expected_gap()
-            if gap is not None and 0 < self._last_step_s and gap <= ADMIT_LINGER_EXPECTED_FRACTION * self._last_step_s:
+            if gap is not None and 0 < self._last_step_s and gap <= self._expected_gap_budget() * self._last_step_s:
                 fraction = max(fraction, gap / self._last_step_s)  # a shorter wait than the gap would catch nobody
             deadline = time.monotonic() + min(self.cfg.admit_linger_s, fraction * self._last_step_s)
             while not self._aborts and sum(max(1, r.params.n) for r in self._inbox) < freed:
@@ -315,6 +324,11 @@ class Engine:
                 if left <= 0:
                     return
                 self._cond.wait(left)
+
+    def _expected_gap_budget(self) -> float:
+        """The share of a step that linger may wait for successors known to come (see ADMIT_LINGER_*)."""
+        amortized = ADMIT_LINGER_AMORTIZED_SHARE / max(self._ends_per_step, 1e-6)
+        return min(ADMIT_LINGER_MAX_FRACTION, max(ADMIT_LINGER_EXPECTED_FRACTION, amortized))
 
     def stats(self) -> dict[str, Any]:
         s = self.scheduler

@@ -81,9 +81,9 @@ class Settings:
     speculative_max_batch: int = 16  # with more decoding sequences than this, no sequence speculates
     speculative_max_step_tokens: int = 32  # guesses are cut so a decode step feeds at most this many tokens
     speculative_by_cost: bool = True  # cap guesses by the measured cost of steps with and without them
-    # after a step that ended requests, wait up to this many ms for their successors (Engine.linger; at most 5% of
-    # a step while others run, 25% when none does)
-    admit_linger_ms: float = 20.0
+    # after a step that ended requests, wait up to this many ms for their successors (Engine.linger: at most 5% of
+    # a step while others run, 25% when none does, more when successors are known to come; docs/worker.md)
+    admit_linger_ms: float = 50.0
     speculative_draft_model: str = ""  # model id under models_dir that guesses for method "draft" ("": none)
     speculative_draft_cache_tokens: int = 0  # the draft model's own KV cache; 0: room for every speculating sequence
     max_model_len: int = 0  # 0: the model's own context length

@@ -6,7 +6,13 @@ from __future__ import annotations
 import threading
 import time
 
-from inference_worker.engine import ADMIT_LINGER_IDLE_FRACTION, ADMIT_LINGER_STEP_FRACTION, Engine
+from inference_worker.engine import (
+    ADMIT_LINGER_AMORTIZED_SHARE,
+    ADMIT_LINGER_EXPECTED_FRACTION,
+    ADMIT_LINGER_IDLE_FRACTION,
+    ADMIT_LINGER_STEP_FRACTION,
+    Engine,
+)
 from inference_worker.successors import SuccessorClock
 from shared.wire import GenerationRequest
 from tests.test_engine import greedy, loaded, make_engine  # noqa: F401
@@ -122,6 +128,30 @@ def test_when_successors_usually_come_the_wait_covers_their_gap(loaded) -> None:
     engine.linger()
     waited = time.monotonic() - started
     assert waited < 0.9 * 0.25, waited
+
+
+def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # noqa: F811
+    # a wait costs the running sequences only on steps that end one: with one end in ten steps, a wait of 25 % of a
+    # step slows them by 2.5 % on average, within ADMIT_LINGER_AMORTIZED_SHARE; with an end every step it would not be
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    clock = SuccessorClock()  # successors usually come 0.2 s after an end: 0.25 s with the margin
+    for i in range(8):
+        clock.ended(float(i), 1)
+        clock.arrived(i + 0.2)
+    engine.successors = clock
+    for ends_per_step, expected in ((0.1, 0.25), (1.0, 0.05)):
+        one_ended_one_running(engine, prompt)
+        engine._ends_per_step = ends_per_step
+        engine._last_step_s = 1.0  # the gap is 25 % of this step, over ADMIT_LINGER_EXPECTED_FRACTION
+        started = time.monotonic()
+        engine.linger()  # nobody comes
+        waited = time.monotonic() - started
+        assert 0.9 * expected <= waited < expected + 0.15, (ends_per_step, waited)
+        engine.abort("long")
+        while engine.has_work():
+            engine.step()
+    assert ADMIT_LINGER_AMORTIZED_SHARE / 0.1 >= 0.25 > ADMIT_LINGER_EXPECTED_FRACTION
 
 
 def test_an_abort_ends_the_linger(loaded) -> None:  # noqa: F811
