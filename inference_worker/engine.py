@@ -56,12 +56,12 @@ ADMIT_LINGER_IDLE_FRACTION = 0.25
 # Engine.linger when this worker's ends are usually followed by successors within a known gap (SuccessorClock): the
 # wait may reach this share of a step (it ends when they arrive, so it usually costs the gap, not this) ...
 ADMIT_LINGER_EXPECTED_FRACTION = 0.2
-# ... or more when ends are rare: a wait is paid only on steps that end sequences, so the running sequences'
-# inter-token time grows on average by (ends per step) x (wait / step); the wait may be as long as keeps that
-# average under this share (e.g. 4 streams of 32 tokens end 1/8 of a sequence per step: up to 32 % of a step) ...
+# ... or more when ends are rare: a wait is paid only after steps that end sequences, so the running sequences'
+# inter-token time grows on average by (share of steps that end some) x (wait / step); the wait may be as long as
+# keeps that average under this share (4 streams of 32 tokens: one step in eight ends one, up to 32 % of a step) ...
 ADMIT_LINGER_AMORTIZED_SHARE = 0.04
 ADMIT_LINGER_MAX_FRACTION = 0.5  # ... but never more than this share of a step
-ENDS_PER_STEP_DECAY = 0.05  # the ends-per-step average forgets with this weight per step (~20-step memory)
+ENDING_STEPS_DECAY = 0.05  # the share of steps that end sequences forgets with this weight per step (~20 steps)
 GPU_DRAFT_CACHE_FRACTION = 0.1  # with speculative_draft_cache_tokens=0 on CUDA, the most the draft's cache may take
 
 
@@ -204,7 +204,7 @@ class Engine:
         self.acceptance_prior = AcceptancePrior()
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
         self._freed_seqs = 0  # sequences ended since the last linger(): the successors it waits for
-        self._ends_per_step = 1.0  # running average of sequences ended per step (starts pessimistic: no amortizing)
+        self._ending_steps = 1.0  # running share of steps that ended sequences (starts pessimistic: no amortizing)
         self.successors = SuccessorClock()  # how soon ended requests' successors arrive (under self._cond)
         try:
             self._default_spec = resolve_request(
@@ -307,10 +307,10 @@ class Engine:
         early successors wait, against a whole step saved for each late one, so up to ADMIT_LINGER_IDLE_FRACTION.
         When this worker's ends are usually followed by successors (SuccessorClock) within at most
         ADMIT_LINGER_EXPECTED_FRACTION of a step, or within what keeps the running sequences' average slowdown
-        under ADMIT_LINGER_AMORTIZED_SHARE given how often sequences end, up to that usual gap. Returns as soon as
+        under ADMIT_LINGER_AMORTIZED_SHARE given how often steps end sequences, up to that usual gap. Returns as soon as
         as many sequences have arrived as ended, or an abort comes."""
         freed, self._freed_seqs = self._freed_seqs, 0
-        self._ends_per_step += ENDS_PER_STEP_DECAY * (freed - self._ends_per_step)
+        self._ending_steps += ENDING_STEPS_DECAY * ((1.0 if freed else 0.0) - self._ending_steps)
         if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting:
             return
         fraction = ADMIT_LINGER_STEP_FRACTION if self.scheduler.running else ADMIT_LINGER_IDLE_FRACTION
@@ -327,7 +327,7 @@ class Engine:
 
     def _expected_gap_budget(self) -> float:
         """The share of a step that linger may wait for successors known to come (see ADMIT_LINGER_*)."""
-        amortized = ADMIT_LINGER_AMORTIZED_SHARE / max(self._ends_per_step, 1e-6)
+        amortized = ADMIT_LINGER_AMORTIZED_SHARE / max(self._ending_steps, 1e-6)
         return min(ADMIT_LINGER_MAX_FRACTION, max(ADMIT_LINGER_EXPECTED_FRACTION, amortized))
 
     def stats(self) -> dict[str, Any]:

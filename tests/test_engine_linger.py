@@ -131,8 +131,8 @@ def test_when_successors_usually_come_the_wait_covers_their_gap(loaded) -> None:
 
 
 def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # noqa: F811
-    # a wait costs the running sequences only on steps that end one: with one end in ten steps, a wait of 25 % of a
-    # step slows them by 2.5 % on average, within ADMIT_LINGER_AMORTIZED_SHARE; with an end every step it would not be
+    # a wait costs the running sequences only after steps that end one: when one step in ten does, a wait of 25 % of
+    # a step slows them by 2.5 % on average, within ADMIT_LINGER_AMORTIZED_SHARE; when every step does, it would not
     engine = make_engine(loaded, admit_linger_s=5.0)
     prompt = loaded[2].tokenizer.encode("Hello there").ids
     clock = SuccessorClock()  # successors usually come 0.2 s after an end: 0.25 s with the margin
@@ -140,14 +140,14 @@ def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # 
         clock.ended(float(i), 1)
         clock.arrived(i + 0.2)
     engine.successors = clock
-    for ends_per_step, expected in ((0.1, 0.25), (1.0, 0.05)):
+    for ending_steps, expected in ((0.1, 0.25), (1.0, 0.05)):
         one_ended_one_running(engine, prompt)
-        engine._ends_per_step = ends_per_step
+        engine._ending_steps = ending_steps
         engine._last_step_s = 1.0  # the gap is 25 % of this step, over ADMIT_LINGER_EXPECTED_FRACTION
         started = time.monotonic()
         engine.linger()  # nobody comes
         waited = time.monotonic() - started
-        assert 0.9 * expected <= waited < expected + 0.15, (ends_per_step, waited)
+        assert 0.9 * expected <= waited < expected + 0.15, (ending_steps, waited)
         engine.abort("long")
         while engine.has_work():
             engine.step()
