@@ -15,7 +15,6 @@ unquantized.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 import sys
@@ -100,8 +99,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     calibration_module.RANDOM_ROW_FRACTION = args.random_fraction
-    linear_module.DEFAULT_DAMPING = args.damping  # padded_hessian's damping of the padded and the real inputs
-    linear_module.damp = functools.partial(linear_module.damp, fraction=args.damping)
+    linear_module.DEFAULT_DAMPING = args.damping  # padded_hessian's damping of the real and the padded inputs
     import tokenizers
     from transformers import AutoModelForCausalLM
 

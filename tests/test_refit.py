@@ -7,7 +7,7 @@ import torch
 
 from converter_worker.quant.ldlq import ldlq_many, proxy_error
 from converter_worker.quant.linear import LinearSpec, dense_from_parts, prepare_linear, stored_scales
-from converter_worker.quant.refit import refit_scales
+from converter_worker.quant.refit import REFIT_ROUNDS, refit_scales
 from kernels.exl3_ref import reconstruct_weight
 
 
@@ -55,7 +55,7 @@ def test_quantized_linear_stores_refit_scales_that_lower_its_proxy_error() -> No
     p = prepare_linear(LinearSpec("w", w, 2, seed=6, hessian=h), "mul1", torch.device("cpu"))
     ldlq_many([p.job], "mul1")
     suh0, svh0, plain = stored_scales(p, refit_rounds=0)
-    suh, svh, refit = stored_scales(p)
+    suh, svh, refit = stored_scales(p, REFIT_ROUNDS)
     assert refit < 0.97 * plain, (refit, plain)
     assert (suh[200:] == 0).all() and (svh[72:] == 0).all()
     assert suh.dtype == svh.dtype == torch.float16 and not torch.equal(suh, suh0) and not torch.equal(svh, svh0)

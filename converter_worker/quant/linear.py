@@ -49,7 +49,7 @@ def padded_hessian(hessian: torch.Tensor | None, features: int, device: torch.de
     h = hessian.to(device, torch.float64)
     damping = DEFAULT_DAMPING * h.diagonal().mean().clamp_min(0)
     out = torch.zeros(size, size, dtype=torch.float64, device=device)
-    out[:features, :features] = damp(h)
+    out[:features, :features] = damp(h, DEFAULT_DAMPING)  # one damping setting for the real and the padded inputs
     out.diagonal()[features:] = damping if damping > 0 else 1.0
     return out
 
@@ -88,11 +88,10 @@ def prepare_linear(
     return PreparedLinear(spec, w, h, reg, LdlqJob(reg.w_hat, reg.hessian, spec.K))
 
 
-def stored_scales(p: PreparedLinear, refit_rounds: int | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+def stored_scales(p: PreparedLinear, refit_rounds: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(suh, svh, proxy error) to store once LDLQ has run: the regularization's scales, refit to the codes in the
-    Hessian's metric (quant/refit.py) when that lowers the proxy error after rounding to float16; padded rows and
-    columns exactly zero. ``refit_rounds`` None: REFIT_ROUNDS."""
-    refit_rounds = REFIT_ROUNDS if refit_rounds is None else refit_rounds
+    Hessian's metric (quant/refit.py, ``refit_rounds`` rounds; 0: not at all) when that lowers the proxy error after
+    rounding to float16; padded rows and columns exactly zero."""
     out_f, in_f = p.spec.weight.shape
     suh, svh = p.reg.suh.clone(), p.reg.svh.clone()
     suh[in_f:] = 0
@@ -119,7 +118,7 @@ def quantize_linears(
     results = []
     for p in prepared:
         out_f, in_f = p.spec.weight.shape
-        suh, svh, error = stored_scales(p)
+        suh, svh, error = stored_scales(p, REFIT_ROUNDS)
         bias = None if p.spec.bias is None else p.spec.bias.detach().to("cpu", torch.float16)
         tensors = Exl3Tensors(p.job.trellis.cpu(), suh.cpu(), svh.cpu(), codebook, bias, in_f, out_f)
         results.append(LinearResult(p.spec.name, tensors, error))

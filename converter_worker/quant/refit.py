@@ -31,16 +31,18 @@ def refit_scales(
     r = torch.ones(w.shape[0], dtype=torch.float64, device=w.device)
     c = torch.ones(w.shape[1], dtype=torch.float64, device=w.device)
     for _ in range(rounds):
-        num, den = (q64 * hw).sum(0), (q64 * (h @ q64)).sum(0)
-        step = torch.where(den > 0, num / den.clamp_min(1e-300), torch.ones_like(num))
-        step = torch.where(step > 0, step, torch.ones_like(step))
+        step = _positive_or_one((q64 * hw).sum(0) / (q64 * (h @ q64)).sum(0))
         q64 = q64 * step
         c = c * step
         system = (q64 @ q64.T) * h
         # a tiny ridge keeps rows that q leaves empty (padding, dead channels) solvable; they come out at 0 -> 1
         system.diagonal().add_(1e-9 * system.diagonal().mean().clamp_min(1e-300))
-        step = torch.linalg.solve(system, (q64 * hw).sum(1))
-        step = torch.where(torch.isfinite(step) & (step > 0), step, torch.ones_like(step))
+        step = _positive_or_one(torch.linalg.solve(system, (q64 * hw).sum(1)))
         q64 = q64 * step.unsqueeze(1)
         r = r * step
     return r, c
+
+
+def _positive_or_one(factors: torch.Tensor) -> torch.Tensor:
+    """Factors that cannot be right (non-finite from an empty channel, or not positive) become 1."""
+    return torch.where(torch.isfinite(factors) & (factors > 0), factors, torch.ones_like(factors))
