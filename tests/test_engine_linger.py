@@ -6,11 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from inference_worker.engine import (
     ADMIT_LINGER_AMORTIZED_SHARE,
     ADMIT_LINGER_EXPECTED_FRACTION,
     ADMIT_LINGER_IDLE_FRACTION,
     ADMIT_LINGER_STEP_FRACTION,
+    ENDING_STEPS_DECAY,
     Engine,
 )
 from inference_worker.successors import SuccessorClock
@@ -152,6 +155,17 @@ def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # 
         while engine.has_work():
             engine.step()
     assert ADMIT_LINGER_AMORTIZED_SHARE / 0.1 >= 0.25 > ADMIT_LINGER_EXPECTED_FRACTION
+
+
+def test_the_share_of_ending_steps_counts_steps_not_sequences(loaded) -> None:  # noqa: F811
+    # two sequences ending in one step cost the running ones one wait, so they count as one ending step
+    engine = make_engine(loaded, admit_linger_s=0.0)
+    engine._ending_steps = 0.0
+    engine._freed_seqs = 2
+    engine.linger()
+    assert engine._ending_steps == pytest.approx(ENDING_STEPS_DECAY)
+    engine.linger()  # a step that ended nothing
+    assert engine._ending_steps == pytest.approx(ENDING_STEPS_DECAY * (1 - ENDING_STEPS_DECAY))
 
 
 def test_an_abort_ends_the_linger(loaded) -> None:  # noqa: F811
