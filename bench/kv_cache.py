@@ -82,10 +82,10 @@ class SweepGrid:
     warps: list[int]
     stages: list[int]
     targets: list[int | None]
-    word_loads: list[bool]
+    word_loads: list[int]
 
     def configs(self, quantized: bool) -> list[AttentionConfig]:
-        word_loads = self.word_loads if quantized else [True]
+        word_loads = self.word_loads if quantized else [2]
         return [
             AttentionConfig(block_n=n, num_warps=w, num_stages=st, target_programs=t, word_loads=wl)
             for n, w, st, t, wl in product(self.block_n, self.warps, self.stages, self.targets, word_loads)
@@ -210,8 +210,8 @@ def correctness(res: dict, gen: torch.Generator) -> None:
 
 
 def sweep_key(fmt: str, cfg: AttentionConfig) -> str:
-    gather = "" if cfg.word_loads or fmt == "fp16" else "/gather"
-    return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{gather}"
+    mode = "" if fmt == "fp16" else {0: "/gather", 1: "/split", 2: ""}[cfg.word_loads]
+    return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{mode}"
 
 
 def decode(
@@ -221,9 +221,10 @@ def decode(
     lens = ([1] * seqs, [ctx] * seqs)
     variants = [(fmt, fmt, bits, AttentionConfig(), PAGE_SIZE) for fmt, bits in formats.items()]
     variants += [  # per-value word gathers instead of split words (the same for 3, 5, 6 and 7 bits)
-        (f"{fmt} gather", fmt, bits, AttentionConfig(word_loads=False), PAGE_SIZE)
+        (f"{fmt} {name}", fmt, bits, AttentionConfig(word_loads=mode), PAGE_SIZE)
         for fmt, bits in formats.items()
         if any(b is not None and 32 % b == 0 for b in bits)
+        for name, mode in (("gather", 0), ("split", 1))
     ]
     paged_256 = [fmt for fmt in ("fp16", "K4/V4") if fmt in formats]
     variants += [(f"{fmt} page 256", fmt, formats[fmt], AttentionConfig(), 256) for fmt in paged_256]
@@ -457,14 +458,14 @@ def main() -> int:
     knobs.add_argument("--warps", type=int_list, default=[4, 8])
     knobs.add_argument("--stages", type=int_list, default=[2, 3])
     knobs.add_argument("--targets", default="none,1024", help="split targets in programs; none: 4 per SM")
-    knobs.add_argument("--word-loads", default="1", help="quantized pages: 1 split words, 0 per-value gathers")
+    knobs.add_argument("--word-loads", default="2", help="quantized pages: 2 joined words, 1 split words, 0 gathers")
     args = parser.parse_args()
     grid = SweepGrid(
         block_n=args.block_n,
         warps=args.warps,
         stages=args.stages,
         targets=[None if t == "none" else int(t) for t in args.targets.split(",")],
-        word_loads=[w == "1" for w in args.word_loads.split(",")],
+        word_loads=[int(w) for w in args.word_loads.split(",")],
     )
     if not torch.cuda.is_available():
         print("bench/kv_cache.py needs a CUDA GPU", file=sys.stderr)

@@ -39,7 +39,7 @@ class AttentionConfig:
     # Quantized pages of 2, 4 or 8 bits: load each row's words once and split them into codes in registers (True),
     # or let every value gather its own word (False, what 3, 5, 6 and 7 bits always do). Both are exact;
     # bench/kv_cache.py times them.
-    word_loads: bool = True
+    word_loads: int = 2  # TEMP: 0 gather, 1 split, 2 join
 
 
 @dataclass
@@ -165,6 +165,85 @@ def _split_words(
 
 
 @triton.jit
+def _dequant_field(words, shift: tl.constexpr, a, c, BITS: tl.constexpr):
+    """The code at bit ``shift`` of each word, dequantized with its word's constants from _word_constants: the code
+    is moved to mantissa bit 12 of 2^23 (one shift and one and-or), f = 2^23 + code 2^12, and one fma turns f into
+    code a + c exactly (a and c absorb 2^-12 and the 2^23; see _word_constants)."""
+    if shift > 12:
+        moved = words >> (shift - 12)
+    elif shift < 12:
+        moved = words << (12 - shift)
+    else:
+        moved = words
+    f = ((moved & (((1 << BITS) - 1) << 12)) | 0x4B000000).to(tl.float32, bitcast=True)
+    return f * a + c
+
+
+@triton.jit
+def _word_constants(scale, BITS: tl.constexpr):
+    """(a', c') with f a' + c' = code a + c, the reference's ((2 code + 1) / 2^b - 1) s, for f = 2^23 + code 2^12:
+    a' = a / 2^12 = 2 s / 2^b / 2^12 and c' = c - 2^11 a = -s (2^(12 - b) + 1 - 2^-b). For a float16 s both are exact
+    in float32 (the factor has 13 significant bits for every b from 2 to 8), and so is the fma's result, a number of
+    b + 12 significant bits: the values equal the reference's bit for bit."""
+    s = scale.to(tl.float32)
+    a = s * (2.0 / (1 << BITS) / 4096.0)
+    c = s * -(4096.0 / (1 << BITS) + 1.0 - 1.0 / (1 << BITS))
+    return a, c
+
+
+@triton.jit
+def _four_codes(words, a, c, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """[..., 2, 2]: the codes at shifts first + step * m, m = 2 * i + k at [..., i, k]. tl.join adds its pair as the
+    last dim, so the innermost join holds the pairs m apart by 2 and the outer one those apart by 1."""
+    return tl.join(
+        tl.join(_dequant_field(words, first, a, c, BITS), _dequant_field(words, first + 2 * step, a, c, BITS)),
+        tl.join(_dequant_field(words, first + step, a, c, BITS), _dequant_field(words, first + 3 * step, a, c, BITS)),
+    )
+
+
+@triton.jit
+def _eight_codes(words, a, c, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+    """[..., 2, 2, 2]: the codes at shifts first + step * m in row-major order of m (as _four_codes, one level up)."""
+    even = _four_codes(words, a, c, first, 2 * step, BITS)
+    return tl.join(even, _four_codes(words, a, c, first + step, 2 * step, BITS))
+
+
+@triton.jit
+def _joined_values(
+    pages_ptr,
+    scales_ptr,
+    slots,
+    k_ok,
+    kv_head,
+    stride_slot,
+    stride_scale_slot,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] float32 values for BITS in (2, 4, 8): each row's words are loaded once, each word's group
+    constants are computed once, and the word's 32 / BITS codes are dequantized in the word's own layout and then
+    joined into consecutive dims (code l of word w is dim w * 32 / BITS + l), so no value changes threads."""
+    BLOCK_W: tl.constexpr = BLOCK_D // 32 * BITS
+    words_per_head: tl.constexpr = HEAD_DIM // 32 * BITS
+    w = tl.arange(0, BLOCK_W)
+    ok = k_ok[:, None] & (w < words_per_head)[None, :]
+    words = tl.load(pages_ptr + slots[:, None] * stride_slot + kv_head * words_per_head + w[None, :], mask=ok, other=0)
+    words = words.to(tl.uint32, bitcast=True)
+    group = kv_head * (HEAD_DIM // 32) + w // BITS  # a group of 32 values is BITS words
+    scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=ok, other=0.0)
+    a, c = _word_constants(scale, BITS)
+    if BITS == 8:
+        v = _four_codes(words, a, c, 0, 8, BITS)
+    elif BITS == 4:
+        v = _eight_codes(words, a, c, 0, 4, BITS)
+    else:  # 16 two-bit codes: code 2m + i is the i-th join of the eights at shifts 4m and 4m + 2
+        v = tl.join(_eight_codes(words, a, c, 0, 4, BITS), _eight_codes(words, a, c, 2, 4, BITS))
+    return tl.reshape(v, [BLOCK_N, BLOCK_D])
+
+
+@triton.jit
 def _gather_codes(group_words, group_ok, BITS: tl.constexpr):
     """[BLOCK_N, BLOCK_G, 32] uint32 whose low BITS bits are the codes, every value loading its own word (the cache
     serves the repeats) and, when BITS does not divide 32, the next one for a code that straddles the two.
@@ -213,13 +292,18 @@ def _load_kv_tile(
     if BITS == 0:
         ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * HEAD_DIM + dims[None, :]
         tile = tl.load(ptrs, mask=k_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    elif WORD_LOADS == 2 and 32 % BITS == 0:
+        tile = _joined_values(
+            pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot,
+            HEAD_DIM, BLOCK_N, BLOCK_D, BITS,
+        )  # fmt: skip
     else:
         # Work on [BLOCK_N, groups, 32] (d = 32 * group + lane) so that per-group terms broadcast over their lanes.
         BLOCK_G: tl.constexpr = BLOCK_D // 32
         groups = tl.arange(0, BLOCK_G)
         group_ok = k_ok[:, None] & (groups < HEAD_DIM // 32)[None, :]
         group = kv_head * (HEAD_DIM // 32) + groups
-        if WORD_LOADS and 32 % BITS == 0:
+        if WORD_LOADS == 1 and 32 % BITS == 0:
             fields = _split_words(pages_ptr, slots, k_ok, kv_head, stride_slot, HEAD_DIM, BLOCK_N, BLOCK_G, BITS)
         else:
             fields = _gather_codes(pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :], group_ok, BITS)
@@ -511,7 +595,7 @@ def paged_attention(
         plan.split_len, window or 0,
         PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
-        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=cfg.word_loads,
+        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=int(cfg.word_loads),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
