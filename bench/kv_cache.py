@@ -83,12 +83,15 @@ class SweepGrid:
     stages: list[int]
     targets: list[int | None]
     word_loads: list[int]
+    keys_major: list[bool]
 
     def configs(self, quantized: bool) -> list[AttentionConfig]:
         word_loads = self.word_loads if quantized else [2]
         return [
-            AttentionConfig(block_n=n, num_warps=w, num_stages=st, target_programs=t, word_loads=wl)
-            for n, w, st, t, wl in product(self.block_n, self.warps, self.stages, self.targets, word_loads)
+            AttentionConfig(block_n=n, num_warps=w, num_stages=st, target_programs=t, word_loads=wl, keys_major=km)
+            for n, w, st, t, wl, km in product(
+                self.block_n, self.warps, self.stages, self.targets, word_loads, self.keys_major
+            )
         ]
 
 
@@ -211,7 +214,8 @@ def correctness(res: dict, gen: torch.Generator) -> None:
 
 def sweep_key(fmt: str, cfg: AttentionConfig) -> str:
     mode = "" if fmt == "fp16" else {0: "/gather", 1: "/split", 2: ""}[cfg.word_loads]
-    return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{mode}"
+    major = "/keys-major" if cfg.keys_major else "/queries-major"
+    return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{mode}{major}"
 
 
 def decode(
@@ -458,6 +462,7 @@ def main() -> int:
     knobs.add_argument("--warps", type=int_list, default=[4, 8])
     knobs.add_argument("--stages", type=int_list, default=[2, 3])
     knobs.add_argument("--targets", default="none,1024", help="split targets in programs; none: 4 per SM")
+    knobs.add_argument("--keys-major", default="1,0", help="1: K q^T and V^T p^T dots, 0: q K^T and p V")
     knobs.add_argument("--word-loads", default="2", help="quantized pages: 2 joined words, 1 split words, 0 gathers")
     args = parser.parse_args()
     grid = SweepGrid(
@@ -466,6 +471,7 @@ def main() -> int:
         stages=args.stages,
         targets=[None if t == "none" else int(t) for t in args.targets.split(",")],
         word_loads=[int(w) for w in args.word_loads.split(",")],
+        keys_major=[k == "1" for k in args.keys_major.split(",")],
     )
     if not torch.cuda.is_available():
         print("bench/kv_cache.py needs a CUDA GPU", file=sys.stderr)

@@ -40,6 +40,7 @@ class AttentionConfig:
     # or let every value gather its own word (False, what 3, 5, 6 and 7 bits always do). Both are exact;
     # bench/kv_cache.py times them.
     word_loads: int = 2  # TEMP: 0 gather, 1 split, 2 join
+    keys_major: bool = True  # TEMP
 
 
 @dataclass
@@ -228,18 +229,21 @@ def _joined_values(
     BLOCK_W: tl.constexpr = BLOCK_D // 32 * BITS
     words_per_head: tl.constexpr = HEAD_DIM // 32 * BITS
     w = tl.arange(0, BLOCK_W)
-    ok = k_ok[:, None] & (w < words_per_head)[None, :]
-    words = tl.load(pages_ptr + slots[:, None] * stride_slot + kv_head * words_per_head + w[None, :], mask=ok, other=0)
+    ok = k_ok[None, :] & (w < words_per_head)[:, None]
+    words = tl.load(pages_ptr + slots[None, :] * stride_slot + kv_head * words_per_head + w[:, None], mask=ok, other=0)
     words = words.to(tl.uint32, bitcast=True)
     group = kv_head * (HEAD_DIM // 32) + w // BITS  # a group of 32 values is BITS words
-    scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=ok, other=0.0)
+    scale = tl.load(scales_ptr + slots[None, :] * stride_scale_slot + group[:, None], mask=ok, other=0.0)
     a, c = _word_constants(scale, BITS)
     if BITS == 8:
         v = _four_codes(words, a, c, 0, 8, BITS)
+        v = tl.permute(v, (1, 0, 2, 3))
     elif BITS == 4:
         v = _eight_codes(words, a, c, 0, 4, BITS)
+        v = tl.permute(v, (1, 0, 2, 3, 4))
     else:  # 16 two-bit codes: code 2m + i is the i-th join of the eights at shifts 4m and 4m + 2
         v = tl.join(_eight_codes(words, a, c, 0, 4, BITS), _eight_codes(words, a, c, 2, 4, BITS))
+        v = tl.permute(v, (1, 0, 2, 3, 4, 5))
     return tl.reshape(v, [BLOCK_N, BLOCK_D])
 
 
@@ -385,6 +389,7 @@ def _paged_attention_kernel(
     V_BITS: tl.constexpr,
     SPLIT: tl.constexpr,
     WORD_LOADS: tl.constexpr,
+    KEYS_MAJOR: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -432,7 +437,10 @@ def _paged_attention_kernel(
             k_ptr, k_scales_ptr, slots, k_ok, kv_head, stride_k_slot, stride_ks_slot,
             HEAD_DIM, BLOCK_N, BLOCK_D, K_BITS, WORD_LOADS, q.dtype,
         )  # fmt: skip
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        if KEYS_MAJOR:  # s^T = K q^T: the key tile is the MMA's A operand (a Hopper wgmma reads it from registers)
+            s = tl.trans(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)) * sm_scale_log2
+        else:
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
         visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
         if HAS_WINDOW:
             visible &= k_pos[None, :] > q_pos[:, None] - window
@@ -446,7 +454,11 @@ def _paged_attention_kernel(
             v_ptr, v_scales_ptr, slots, k_ok, kv_head, stride_v_slot, stride_vs_slot,
             HEAD_DIM, BLOCK_N, BLOCK_D, V_BITS, WORD_LOADS, q.dtype,
         )  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        if KEYS_MAJOR:  # acc^T += V^T p^T, the value tile as the A operand
+            pv = tl.trans(tl.dot(tl.trans(v), tl.trans(p.to(q.dtype)), input_precision=DOT_PRECISION))
+        else:
+            pv = tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
         m_i = m_new
 
     if SPLIT:  # partial softmax state for the merge kernel: [block, kv_head, split, row]
@@ -595,7 +607,7 @@ def paged_attention(
         plan.split_len, window or 0,
         PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
-        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=int(cfg.word_loads),
+        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=int(cfg.word_loads), KEYS_MAJOR=cfg.keys_major,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
