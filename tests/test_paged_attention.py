@@ -9,7 +9,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorators: kernels then run on CPU tensors
-for _name in ("kernels.kv_quant", "kernels.paged_attention"):  # the modules with @triton.jit
+for _name in ("kernels.kv_quant", "kernels.paged_attention", "tests.kv_tile"):  # the modules with @triton.jit
     if _name in sys.modules:  # imported earlier in this process without the interpreter: decorate again
         importlib.reload(sys.modules[_name])
 
@@ -17,8 +17,6 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 import triton.runtime.interpreter as triton_interpreter  # noqa: E402
 
 from inference_worker.attention import attend_paged, paged_attention  # noqa: E402
@@ -26,6 +24,7 @@ from inference_worker.batch import ForwardBatch  # noqa: E402
 from inference_worker.kv_cache import PagedKVCache, kv_bytes_per_token  # noqa: E402
 from kernels import kv_quant_ref  # noqa: E402
 from kernels import paged_attention as triton_attention  # noqa: E402
+from tests import kv_tile  # noqa: E402
 
 
 def _interpreter_indexes_scalars_under_numpy_2_4() -> None:
@@ -256,42 +255,11 @@ def test_triton_attention_reads_every_width_as_keys_and_as_values(k_bits: int) -
     triton_vs_reference(batch, torch.float32, split=k_bits % 2 == 0)
 
 
-@triton.jit
-def _tile_kernel(
-    out_ptr, pages_ptr, scales_ptr, slots_ptr, kv_head, stride_slot, stride_scale_slot, num_keys,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
-    WORD_LOADS: tl.constexpr,
-):  # fmt: skip
-    """The kernel's tile loader alone: its [BLOCK_N, BLOCK_D] tile for the slots of one kv head, stored as is."""
-    rows = tl.arange(0, BLOCK_N)
-    k_ok = rows < num_keys
-    slots = tl.load(slots_ptr + rows, mask=k_ok, other=0).to(tl.int64)
-    tile = triton_attention._load_kv_tile(
-        pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot,
-        HEAD_DIM, BLOCK_N, BLOCK_D, BITS, WORD_LOADS, tl.float32,
-    )  # fmt: skip
-    dims = tl.arange(0, BLOCK_D)
-    tl.store(out_ptr + rows[:, None] * BLOCK_D + dims[None, :], tile)
-
-
 @pytest.mark.parametrize("word_loads", [0, 1, 2])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_triton_tile_loader_dequantizes_exactly_like_the_reference(bits: int, word_loads: bool) -> None:
-    # Random words hold every code, straddling ones and set sign bits included; head_dim 96 leaves a padded group in
-    # the 128-wide tile; slot 11 is the last, so its head 1 ends the buffer.
-    gen = torch.Generator().manual_seed(bits)
-    pages = kv_quant_ref.empty_quant_pages(3, 4, 2, 96, bits, "cpu")
-    pages.codes.copy_(torch.randint(-(1 << 31), 1 << 31, pages.codes.shape, generator=gen, dtype=torch.int64))
-    pages.scales.copy_(torch.rand(pages.scales.shape, generator=gen) * 4)
-    slots = torch.tensor([11, 0, 5, 7, 3, 11, 2, 9, 10, 1, 4])
-    out = torch.full((16, 128), float("nan"))
-    _tile_kernel[(1,)](
-        out, pages.codes, pages.scales, slots, 1, pages.codes[0, 0].numel(), pages.scales[0, 0].numel(), len(slots),
-        HEAD_DIM=96, BLOCK_N=16, BLOCK_D=128, BITS=bits, WORD_LOADS=word_loads,
-    )  # fmt: skip
-    codes, scales = pages.codes.view(12, 2, -1)[slots, 1], pages.scales.view(12, 2, -1)[slots, 1]
-    assert torch.equal(out[: len(slots), :96], kv_quant_ref.dequantize_ref(codes, scales, bits, rotated=True))
-    assert not out[len(slots) :].any() and not out[:, 96:].any()  # padding keys and dims read as zeros
+def test_triton_tile_loader_dequantizes_exactly_like_the_reference(bits: int, word_loads: int) -> None:
+    # head_dim 96 leaves a padded group in the 128-wide tile
+    kv_tile.check_tile_loader(bits, word_loads, "cpu")
 
 
 @pytest.mark.parametrize(("split", "window"), [(False, 7), (True, 7), (True, 30)])
