@@ -1,0 +1,195 @@
+"""Compile the paged-attention kernel for Hopper (sm_90a) on any machine, GPU or not, and count what its inner loop
+issues: registers, spills, shared memory, and the SASS instructions of the key loop by opcode.
+
+    python bench/kernel_sass.py [--formats fp16,K4/V4,...] [--block-n 64] [--warps 4] [--stages 2]
+                                [--word-loads 2] [--keys-major 1,0] [--decode-group 4] [--json FILE]
+
+Triton lowers the kernel to PTX and Triton's own ptxas (shipped in the wheel) assembles it; nothing runs. The
+signature mirrors what the JIT specializes at run time on real tensors (16-byte aligned pointers, strides that are
+multiples of 16), so the code is the code a GPU would load. Instructions per key (the loop's instructions times the
+warps that issue them, over the keys one iteration covers) is the figure to compare between variants: on a GPU
+that hides memory latency, it bounds the step time from below. Timings still need the GPU (bench/kv_cache.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from inference_worker.kv_cache import parse_kv_bits  # noqa: E402
+from kernels import paged_attention as attention  # noqa: E402
+
+HOPPER = GPUTarget("cuda", 90, 32)
+PTXAS_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", re.M)
+BACK_BRANCH = re.compile(r"BRA\s.*?(0x[0-9a-f]+)")
+
+
+@dataclass(frozen=True)
+class Variant:
+    k_bits: int
+    v_bits: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    word_loads: int
+    keys_major: bool
+    group: int  # query heads per kv head; one query token per sequence (decode)
+    head_dim: int = 128
+
+
+def compile_attention(variant: Variant) -> triton.compiler.CompiledKernel:
+    """The decode kernel as the JIT would build it for these constexprs, compiled for sm_90a."""
+    kernel = attention._paged_attention_kernel
+    block_m = max(16, triton.next_power_of_2(variant.group))
+    constants = {
+        "PAGE_SIZE": 16, "GROUP_SIZE": variant.group, "TOKENS_PER_BLOCK": block_m // variant.group,
+        "HEAD_DIM": variant.head_dim, "BLOCK_D": max(16, triton.next_power_of_2(variant.head_dim)),
+        "BLOCK_M": block_m, "BLOCK_N": variant.block_n, "HAS_WINDOW": False, "K_BITS": variant.k_bits,
+        "V_BITS": variant.v_bits, "SPLIT": True, "WORD_LOADS": variant.word_loads, "KEYS_MAJOR": variant.keys_major,
+        "DOT_PRECISION": None,
+    }  # fmt: skip
+    float_pointers = {"q_ptr", "out_ptr", "h_ptr"}
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            signature[name] = "constexpr"
+        elif name in float_pointers:
+            signature[name] = "*bf16"
+        elif name.startswith("part_"):
+            signature[name] = "*fp32"
+        elif name in ("k_ptr", "v_ptr"):
+            signature[name] = "*i32" if (variant.k_bits if name == "k_ptr" else variant.v_bits) else "*bf16"
+        elif name in ("k_scales_ptr", "v_scales_ptr"):
+            signature[name] = "*fp16" if (variant.k_bits if name == "k_scales_ptr" else variant.v_bits) else "*bf16"
+        elif name == "block_tables_ptr":
+            signature[name] = "*i64"
+        elif name.endswith("_ptr"):
+            signature[name] = "*i32"
+        elif name == "sm_scale_log2":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    aligned = [
+        n for n in kernel.arg_names if signature[n].startswith("*") or n.startswith("stride") or n == "split_len"
+    ]
+    index = kernel.arg_names.index
+    source = ASTSource(
+        kernel,
+        signature,
+        constexprs={(index(n),): v for n, v in constants.items()},
+        attrs={(index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    return triton.compile(
+        source, target=HOPPER, options={"num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    )
+
+
+def assemble(ptx: str) -> tuple[str, str]:
+    """(ptxas -v report, SASS listing) of the PTX for sm_90a."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx_path, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        Path(ptx_path).write_text(ptx)
+        report = subprocess.run(
+            [str(PTXAS_BIN / "ptxas"), "-v", "--gpu-name", "sm_90a", ptx_path, "-o", cubin],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
+        sass = subprocess.run(
+            [str(PTXAS_BIN / "cuobjdump"), "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    return report, sass
+
+
+def inner_loop(sass: str) -> list[str]:
+    """Opcodes of the longest backward branch's body: the kernel's key loop."""
+    listing = [(int(m.group(1), 16), m.group(2), m.group(0)) for m in INSTRUCTION.finditer(sass)]
+    best: tuple[int, int] = (0, 0)
+    for i, (address, _, text) in enumerate(listing):
+        branch = BACK_BRANCH.search(text)
+        if branch and int(branch.group(1), 16) < address:
+            start = next(j for j, entry in enumerate(listing) if entry[0] >= int(branch.group(1), 16))
+            if i + 1 - start > best[1] - best[0]:
+                best = (start, i + 1)
+    return [op for _, op, _ in listing[best[0] : best[1]]]
+
+
+def measure(variant: Variant) -> dict:
+    compiled = compile_attention(variant)
+    report, sass = assemble(compiled.asm["ptx"])
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
+    loop = inner_loop(sass)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "spill_store_bytes": int(spills.group(1)) if spills else None,
+        "shared_bytes": compiled.metadata.shared,
+        "loop_instructions": len(loop),
+        "warp_instructions_per_key": len(loop) * variant.num_warps / variant.block_n,
+        "loop_mix": dict(collections.Counter(loop).most_common(12)),
+    }
+
+
+def format_bits(fmt: str) -> tuple[int, int]:
+    """'fp16' -> (0, 0); 'K4/V8' -> (4, 8); an unquantized side is 0, as the kernel's K_BITS / V_BITS."""
+    if fmt == "fp16":
+        return 0, 0
+    k, _, v = fmt.partition("/")
+    return tuple(b or 0 for b in parse_kv_bits(f"{k.removeprefix('K')},{v.removeprefix('V')}"))
+
+
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--formats", default="fp16,K4/V4,K8/V8,K2/V2", help="fp16 or K<bits>/V<bits>, comma-separated")
+    parser.add_argument("--block-n", type=int_list, default=[64])
+    parser.add_argument("--warps", type=int_list, default=[4])
+    parser.add_argument("--stages", type=int_list, default=[2])
+    parser.add_argument(
+        "--word-loads", type=int_list, default=[2], help="quantized pages: 2 joined, 1 split, 0 gathers"
+    )
+    parser.add_argument("--keys-major", type=int_list, default=[1, 0])
+    parser.add_argument("--decode-group", type=int, default=4, help="query heads per kv head (Llama-3-8B: 4)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    rows = []
+    for fmt in args.formats.split(","):
+        k_bits, v_bits = (
+            (0, 0) if fmt == "fp16" else (b or 0 for b in parse_kv_bits(fmt.replace("K", "").replace("/V", ",")))
+        )
+        modes = args.word_loads if k_bits or v_bits else [2]
+        for n, w, s, wl, km in product(args.block_n, args.warps, args.stages, modes, args.keys_major):
+            variant = Variant(k_bits, v_bits, n, w, s, wl, bool(km), args.decode_group)
+            row = {"format": fmt, **variant.__dict__, **measure(variant)}
+            rows.append(row)
+            print(
+                f"{fmt:6} block {n:3} warps {w} stages {s} words {wl} {'keys' if km else 'queries'}-major: "
+                f"{row['warp_instructions_per_key']:6.1f} warp instructions per key, loop {row['loop_instructions']}, "
+                f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, {row['shared_bytes']} B shared",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
