@@ -27,6 +27,10 @@ from kernels.hadamard import check_device
 from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
 
 LOG2E = 1.4426950408889634
+# The bits of 2^23 as a float32. The dequantizer ORs a code into them; handed to the kernel as an argument, the
+# constant sits in a register, and ptxas folds the preceding AND (whose mask is an immediate) and this OR into one
+# LOP3: with both as immediates it needs two instructions per value.
+FLOAT_MAGIC = 0x4B000000
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ def _split_words(
 
 
 @triton.jit
-def _dequant_field(words, shift: tl.constexpr, a, c, BITS: tl.constexpr):
+def _dequant_field(words, shift: tl.constexpr, a, c, magic, BITS: tl.constexpr):
     """The code at bit ``shift`` of each word, dequantized with its word's constants from _word_constants: the code
     is moved to mantissa bit 12 of 2^23 (one shift and one and-or), f = 2^23 + code 2^12, and one fma turns f into
     code a + c exactly (a and c absorb 2^-12 and the 2^23; see _word_constants)."""
@@ -176,7 +180,7 @@ def _dequant_field(words, shift: tl.constexpr, a, c, BITS: tl.constexpr):
         moved = words << (12 - shift)
     else:
         moved = words
-    f = ((moved & (((1 << BITS) - 1) << 12)) | 0x4B000000).to(tl.float32, bitcast=True)
+    f = ((moved & (((1 << BITS) - 1) << 12)) | magic).to(tl.float32, bitcast=True)
     return f * a + c
 
 
@@ -193,20 +197,25 @@ def _word_constants(scale, BITS: tl.constexpr):
 
 
 @triton.jit
-def _four_codes(words, a, c, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+def _four_codes(words, a, c, magic, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
     """[..., 2, 2]: the codes at shifts first + step * m, m = 2 * i + k at [..., i, k]. tl.join adds its pair as the
     last dim, so the innermost join holds the pairs m apart by 2 and the outer one those apart by 1."""
     return tl.join(
-        tl.join(_dequant_field(words, first, a, c, BITS), _dequant_field(words, first + 2 * step, a, c, BITS)),
-        tl.join(_dequant_field(words, first + step, a, c, BITS), _dequant_field(words, first + 3 * step, a, c, BITS)),
+        tl.join(
+            _dequant_field(words, first, a, c, magic, BITS), _dequant_field(words, first + 2 * step, a, c, magic, BITS)
+        ),
+        tl.join(
+            _dequant_field(words, first + step, a, c, magic, BITS),
+            _dequant_field(words, first + 3 * step, a, c, magic, BITS),
+        ),
     )
 
 
 @triton.jit
-def _eight_codes(words, a, c, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
+def _eight_codes(words, a, c, magic, first: tl.constexpr, step: tl.constexpr, BITS: tl.constexpr):
     """[..., 2, 2, 2]: the codes at shifts first + step * m in row-major order of m (as _four_codes, one level up)."""
-    even = _four_codes(words, a, c, first, 2 * step, BITS)
-    return tl.join(even, _four_codes(words, a, c, first + step, 2 * step, BITS))
+    even = _four_codes(words, a, c, magic, first, 2 * step, BITS)
+    return tl.join(even, _four_codes(words, a, c, magic, first + step, 2 * step, BITS))
 
 
 @triton.jit
@@ -218,6 +227,7 @@ def _joined_values(
     kv_head,
     stride_slot,
     stride_scale_slot,
+    magic,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -236,13 +246,13 @@ def _joined_values(
     scale = tl.load(scales_ptr + slots[None, :] * stride_scale_slot + group[:, None], mask=ok, other=0.0)
     a, c = _word_constants(scale, BITS)
     if BITS == 8:
-        v = _four_codes(words, a, c, 0, 8, BITS)
+        v = _four_codes(words, a, c, magic, 0, 8, BITS)
         v = tl.permute(v, (1, 0, 2, 3))
     elif BITS == 4:
-        v = _eight_codes(words, a, c, 0, 4, BITS)
+        v = _eight_codes(words, a, c, magic, 0, 4, BITS)
         v = tl.permute(v, (1, 0, 2, 3, 4))
     else:  # 16 two-bit codes: code 2m + i is the i-th join of the eights at shifts 4m and 4m + 2
-        v = tl.join(_eight_codes(words, a, c, 0, 4, BITS), _eight_codes(words, a, c, 2, 4, BITS))
+        v = tl.join(_eight_codes(words, a, c, magic, 0, 4, BITS), _eight_codes(words, a, c, magic, 2, 4, BITS))
         v = tl.permute(v, (1, 0, 2, 3, 4, 5))
     return tl.reshape(v, [BLOCK_N, BLOCK_D])
 
@@ -284,6 +294,7 @@ def _load_kv_tile(
     kv_head,
     stride_slot,
     stride_scale_slot,
+    magic,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -291,14 +302,15 @@ def _load_kv_tile(
     WORD_LOADS: tl.constexpr,
     OUT_DTYPE: tl.constexpr,
 ):
-    """[BLOCK_N, BLOCK_D] keys or values of one kv head at the given slots, as OUT_DTYPE (dequantized if BITS)."""
+    """[BLOCK_N, BLOCK_D] keys or values of one kv head at the given slots, as OUT_DTYPE (dequantized if BITS).
+    ``magic``: FLOAT_MAGIC, passed in at run time (see there)."""
     dims = tl.arange(0, BLOCK_D)
     if BITS == 0:
         ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * HEAD_DIM + dims[None, :]
         tile = tl.load(ptrs, mask=k_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
     elif WORD_LOADS == 2 and 32 % BITS == 0:
         tile = _joined_values(
-            pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot,
+            pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot, magic,
             HEAD_DIM, BLOCK_N, BLOCK_D, BITS,
         )  # fmt: skip
     else:
@@ -377,6 +389,7 @@ def _paged_attention_kernel(
     stride_vs_slot,
     split_len,
     window,
+    float_magic,
     PAGE_SIZE: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     TOKENS_PER_BLOCK: tl.constexpr,
@@ -434,7 +447,7 @@ def _paged_attention_kernel(
         page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0)
         slots = page.to(tl.int64) * PAGE_SIZE + k_pos % PAGE_SIZE
         k = _load_kv_tile(
-            k_ptr, k_scales_ptr, slots, k_ok, kv_head, stride_k_slot, stride_ks_slot,
+            k_ptr, k_scales_ptr, slots, k_ok, kv_head, stride_k_slot, stride_ks_slot, float_magic,
             HEAD_DIM, BLOCK_N, BLOCK_D, K_BITS, WORD_LOADS, q.dtype,
         )  # fmt: skip
         if KEYS_MAJOR:  # s^T = K q^T: the key tile is the MMA's A operand (a Hopper wgmma reads it from registers)
@@ -451,7 +464,7 @@ def _paged_attention_kernel(
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _load_kv_tile(
-            v_ptr, v_scales_ptr, slots, k_ok, kv_head, stride_v_slot, stride_vs_slot,
+            v_ptr, v_scales_ptr, slots, k_ok, kv_head, stride_v_slot, stride_vs_slot, float_magic,
             HEAD_DIM, BLOCK_N, BLOCK_D, V_BITS, WORD_LOADS, q.dtype,
         )  # fmt: skip
         if KEYS_MAJOR:  # acc^T += V^T p^T, the value tile as the A operand
@@ -604,7 +617,7 @@ def paged_attention(
         scale * LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_stride, ks_stride, v_stride, vs_stride,
-        plan.split_len, window or 0,
+        plan.split_len, window or 0, FLOAT_MAGIC,
         PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
         K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=int(cfg.word_loads), KEYS_MAJOR=cfg.keys_major,

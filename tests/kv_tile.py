@@ -22,7 +22,7 @@ def _tile_kernel(
     k_ok = rows < num_keys
     slots = tl.load(slots_ptr + rows, mask=k_ok, other=0).to(tl.int64)
     tile = triton_attention._load_kv_tile(
-        pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot,
+        pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot, triton_attention.FLOAT_MAGIC,
         HEAD_DIM, BLOCK_N, BLOCK_D, BITS, WORD_LOADS, tl.float32,
     )  # fmt: skip
     dims = tl.arange(0, BLOCK_D)
