@@ -2,7 +2,7 @@
 issues: registers, spills, shared memory, and the SASS instructions of the key loop by opcode.
 
     python bench/kernel_sass.py [--formats fp16,K4/V4,...] [--block-n 64] [--warps 4] [--stages 2]
-                                [--word-loads 2] [--keys-major 1,0] [--decode-group 4] [--json FILE]
+                                [--word-loads 1,0] [--keys-major 1,0] [--decode-group 4] [--json FILE]
 
 Triton lowers the kernel to PTX and Triton's own ptxas (shipped in the wheel) assembles it; nothing runs. The
 signature mirrors what the JIT specializes at run time on real tensors (16-byte aligned pointers, strides that are
@@ -48,7 +48,7 @@ class Variant:
     block_n: int
     num_warps: int
     num_stages: int
-    word_loads: int
+    word_loads: bool
     keys_major: bool
     group: int  # query heads per kv head; one query token per sequence (decode)
     head_dim: int = 128
@@ -164,7 +164,7 @@ def main() -> int:
     parser.add_argument("--warps", type=int_list, default=[4])
     parser.add_argument("--stages", type=int_list, default=[2])
     parser.add_argument(
-        "--word-loads", type=int_list, default=[2], help="quantized pages: 2 joined, 1 split, 0 gathers"
+        "--word-loads", type=int_list, default=[1], help="quantized pages: 1 whole-word loads, 0 gathers"
     )
     parser.add_argument("--keys-major", type=int_list, default=[1, 0])
     parser.add_argument("--decode-group", type=int, default=4, help="query heads per kv head (Llama-3-8B: 4)")
@@ -175,9 +175,9 @@ def main() -> int:
         k_bits, v_bits = (
             (0, 0) if fmt == "fp16" else (b or 0 for b in parse_kv_bits(fmt.replace("K", "").replace("/V", ",")))
         )
-        modes = args.word_loads if k_bits or v_bits else [2]
+        modes = args.word_loads if k_bits or v_bits else [1]
         for n, w, s, wl, km in product(args.block_n, args.warps, args.stages, modes, args.keys_major):
-            variant = Variant(k_bits, v_bits, n, w, s, wl, bool(km), args.decode_group)
+            variant = Variant(k_bits, v_bits, n, w, s, bool(wl), bool(km), args.decode_group)
             row = {"format": fmt, **variant.__dict__, **measure(variant)}
             rows.append(row)
             print(

@@ -2,7 +2,7 @@
 
     python bench/kv_cache.py [--quick] [--sweep] [--no-e2e] [--only SECTION,...] [--model DIR] [--out DIR]
                              [--formats F,...] [--block-n N,...] [--warps W,...] [--stages S,...]
-                             [--targets T,...] [--word-loads 1,0]
+                             [--targets T,...] [--word-loads 1,0] [--keys-major 1,0]
 
 1. Ceiling: device-to-device copy bandwidth (bytes read + written), measured in this run.
 2. Memory per token of an 8B-shaped model (32 layers, 8 kv heads of 128) at fp16, K8/V8, K4/V4 and more.
@@ -11,7 +11,8 @@
 4. Decode attention over 32K tokens x 16 sequences: fp16 vs K8/V8 vs K4/V4 (and K4/V4 with per-value gathers): time,
    K/V bytes read per second against the copy bandwidth, speed-up over fp16. --formats picks other formats (e.g.
    K3/V3, K4/V8). --sweep also times every combination of --block-n, --warps, --stages, --targets (split targets;
-   'none': the default) and, for quantized formats, --word-loads, and reports the best of each format.
+   'none': the default), --keys-major (dot order) and, for quantized formats, --word-loads, and reports the best of
+   each format.
 5. The append step (quantize + store) for 16 decode tokens and a 2048-token prefill chunk.
 6. Chunked prefill: a 2048-token chunk over 30K cached tokens, fp16 vs K4/V4, in TFLOP/s.
 7. Long context: one 128K-token sequence, decode and its last 2048-token chunk, fp16 vs K4/V4.
@@ -82,11 +83,11 @@ class SweepGrid:
     warps: list[int]
     stages: list[int]
     targets: list[int | None]
-    word_loads: list[int]
+    word_loads: list[bool]
     keys_major: list[bool]
 
     def configs(self, quantized: bool) -> list[AttentionConfig]:
-        word_loads = self.word_loads if quantized else [2]
+        word_loads = self.word_loads if quantized else [True]
         return [
             AttentionConfig(block_n=n, num_warps=w, num_stages=st, target_programs=t, word_loads=wl, keys_major=km)
             for n, w, st, t, wl, km in product(
@@ -213,7 +214,7 @@ def correctness(res: dict, gen: torch.Generator) -> None:
 
 
 def sweep_key(fmt: str, cfg: AttentionConfig) -> str:
-    mode = "" if fmt == "fp16" else {0: "/gather", 1: "/split", 2: ""}[cfg.word_loads]
+    mode = "" if cfg.word_loads or fmt == "fp16" else "/gather"
     major = "/keys-major" if cfg.keys_major else "/queries-major"
     return f"{fmt} sweep {cfg.block_n}/{cfg.num_warps}w/{cfg.num_stages}s/{cfg.target_programs}{mode}{major}"
 
@@ -225,10 +226,9 @@ def decode(
     lens = ([1] * seqs, [ctx] * seqs)
     variants = [(fmt, fmt, bits, AttentionConfig(), PAGE_SIZE) for fmt, bits in formats.items()]
     variants += [  # per-value word gathers instead of split words (the same for 3, 5, 6 and 7 bits)
-        (f"{fmt} {name}", fmt, bits, AttentionConfig(word_loads=mode), PAGE_SIZE)
+        (f"{fmt} gather", fmt, bits, AttentionConfig(word_loads=False), PAGE_SIZE)
         for fmt, bits in formats.items()
         if any(b is not None and 32 % b == 0 for b in bits)
-        for name, mode in (("gather", 0), ("split", 1))
     ]
     paged_256 = [fmt for fmt in ("fp16", "K4/V4") if fmt in formats]
     variants += [(f"{fmt} page 256", fmt, formats[fmt], AttentionConfig(), 256) for fmt in paged_256]
@@ -463,14 +463,14 @@ def main() -> int:
     knobs.add_argument("--stages", type=int_list, default=[2, 3])
     knobs.add_argument("--targets", default="none,1024", help="split targets in programs; none: 4 per SM")
     knobs.add_argument("--keys-major", default="1,0", help="1: K q^T and V^T p^T dots, 0: q K^T and p V")
-    knobs.add_argument("--word-loads", default="2", help="quantized pages: 2 joined words, 1 split words, 0 gathers")
+    knobs.add_argument("--word-loads", default="1", help="quantized pages: 1 whole-word loads, 0 per-value gathers")
     args = parser.parse_args()
     grid = SweepGrid(
         block_n=args.block_n,
         warps=args.warps,
         stages=args.stages,
         targets=[None if t == "none" else int(t) for t in args.targets.split(",")],
-        word_loads=[int(w) for w in args.word_loads.split(",")],
+        word_loads=[w == "1" for w in args.word_loads.split(",")],
         keys_major=[k == "1" for k in args.keys_major.split(",")],
     )
     if not torch.cuda.is_available():

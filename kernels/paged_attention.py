@@ -9,10 +9,14 @@ walks the sequence's keys through its block table in BLOCK_N tiles (any page siz
 with an online softmax. Long contexts are split over several programs (flash-decoding) when the batch alone would
 not fill the GPU; a second small kernel merges the splits.
 
-Quantized pages (kernels/kv_quant_ref.py) are read directly: each code is cut from its bitstream word with a shift
-and a mask and scaled with one fma, in registers. Keys and values sit rotated by the 32-point Hadamard, so the kernel
-rotates the query once (q . k = Hq . Hk) and un-rotates the output once (sum p Hv = H sum p v) instead of touching
-every cached element twice.
+Quantized pages (kernels/kv_quant_ref.py) are read directly. Each row's words are loaded once, and every word's
+codes are dequantized in the thread that loaded it, with the word's group constants computed once: one shift and one
+and-or place a code in a float's mantissa, one exact fma scales it (_dequant_field). tl.join then lays a word's
+codes side by side, so the tile reaches the MMA's shared memory in 16-byte stores. Keys and values sit rotated by
+the 32-point Hadamard, so the kernel rotates the query once (q . k = Hq . Hk) and un-rotates the output once
+(sum p Hv = H sum p v) instead of touching every cached element twice. With quantized pages the dots run keys-major
+(K q^T, V^T p^T): the tile is the MMA's A operand, which Hopper's wgmma takes from registers.
+bench/kernel_sass.py counts what the key loop issues for each variant (compiled for sm_90a, no GPU needed).
 """
 
 from __future__ import annotations
@@ -40,11 +44,14 @@ class AttentionConfig:
     num_warps: int = 4
     num_stages: int = 2
     target_programs: int | None = None  # split contexts until about this many programs run; None: 4 per SM
-    # Quantized pages of 2, 4 or 8 bits: load each row's words once and split them into codes in registers (True),
-    # or let every value gather its own word (False, what 3, 5, 6 and 7 bits always do). Both are exact;
-    # bench/kv_cache.py times them.
-    word_loads: int = 2  # TEMP: 0 gather, 1 split, 2 join
-    keys_major: bool = True  # TEMP
+    # Quantized pages of 2, 4 or 8 bits: load each row's words once and dequantize each word's codes in the thread
+    # that loaded it (True), or let every value gather its own word (False, what 3, 5, 6 and 7 bits always do).
+    # Both are exact; bench/kv_cache.py times them.
+    word_loads: bool = True
+    # Dot order: K q^T and V^T p^T (True: the K/V tile is the MMA's A operand, which Hopper's wgmma reads straight
+    # from registers, where a dequantized tile is made) or q K^T and p V (False). None: keys-major when either side
+    # is quantized.
+    keys_major: bool | None = None
 
 
 @dataclass
@@ -143,30 +150,6 @@ def block_hadamard(head_dim: int, block_d: int, device: torch.device, dtype: tor
             h[g * GROUP : (g + 1) * GROUP, g * GROUP : (g + 1) * GROUP] = signs
         _BLOCK_HADAMARD[key] = h
     return _BLOCK_HADAMARD[key]
-
-
-@triton.jit
-def _split_words(
-    pages_ptr,
-    slots,
-    k_ok,
-    kv_head,
-    stride_slot,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    BITS: tl.constexpr,
-):
-    """[BLOCK_N, BLOCK_G, 32] uint32 whose low BITS bits are the codes, for BITS dividing 32: each row's words are
-    loaded once, as one contiguous (vectorizable) run, and each word is split into its 32 / BITS codes in registers."""
-    PER_WORD: tl.constexpr = 32 // BITS
-    words_per_head: tl.constexpr = HEAD_DIM // 32 * BITS
-    w = tl.arange(0, BLOCK_G * BITS)
-    ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * words_per_head + w[None, :]
-    words = tl.load(ptrs, mask=k_ok[:, None] & (w < words_per_head)[None, :], other=0).to(tl.uint32, bitcast=True)
-    shift = (tl.arange(0, PER_WORD) * BITS).to(tl.uint32)
-    fields = words[:, :, None] >> shift[None, None, :]  # [BLOCK_N, words, PER_WORD]
-    return tl.reshape(fields, [BLOCK_N, BLOCK_G, 32])  # code l of group g sits in word g * BITS + l // PER_WORD
 
 
 @triton.jit
@@ -308,7 +291,7 @@ def _load_kv_tile(
     if BITS == 0:
         ptrs = pages_ptr + slots[:, None] * stride_slot + kv_head * HEAD_DIM + dims[None, :]
         tile = tl.load(ptrs, mask=k_ok[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
-    elif WORD_LOADS == 2 and 32 % BITS == 0:
+    elif WORD_LOADS and 32 % BITS == 0:
         tile = _joined_values(
             pages_ptr, scales_ptr, slots, k_ok, kv_head, stride_slot, stride_scale_slot, magic,
             HEAD_DIM, BLOCK_N, BLOCK_D, BITS,
@@ -319,10 +302,7 @@ def _load_kv_tile(
         groups = tl.arange(0, BLOCK_G)
         group_ok = k_ok[:, None] & (groups < HEAD_DIM // 32)[None, :]
         group = kv_head * (HEAD_DIM // 32) + groups
-        if WORD_LOADS == 1 and 32 % BITS == 0:
-            fields = _split_words(pages_ptr, slots, k_ok, kv_head, stride_slot, HEAD_DIM, BLOCK_N, BLOCK_G, BITS)
-        else:
-            fields = _gather_codes(pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :], group_ok, BITS)
+        fields = _gather_codes(pages_ptr + slots[:, None] * stride_slot + (group * BITS)[None, :], group_ok, BITS)
         scale = tl.load(scales_ptr + slots[:, None] * stride_scale_slot + group[None, :], mask=group_ok, other=0.0)
         # ((2q + 1) / 2^b - 1) s = q a + c with a = 2s / 2^b and c = s (1 / 2^b - 1), once per group: one fma per
         # value. As exact as the reference: q a and c fit in 19 significant bits, so only the sum is rounded.
@@ -610,6 +590,7 @@ def paged_attention(
     else:
         part_m = part_l = part_acc = out  # unused
     cfg = config or plan.config
+    keys_major = cfg.keys_major if cfg.keys_major is not None else rotated
     _paged_attention_kernel[(num_blocks, num_kv_heads, plan.num_splits)](
         q, out, k_data, k_scales, v_data, v_scales, h, block_tables,
         plan.block_seq, plan.block_tok, plan.q_start, plan.q_len, plan.ctx_len,
@@ -620,7 +601,7 @@ def paged_attention(
         plan.split_len, window or 0, FLOAT_MAGIC,
         PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
-        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=int(cfg.word_loads), KEYS_MAJOR=cfg.keys_major,
+        K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=cfg.word_loads, KEYS_MAJOR=keys_major,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -29,11 +29,11 @@ def _tile_kernel(
     tl.store(out_ptr + rows[:, None] * BLOCK_D + dims[None, :], tile)
 
 
-def check_tile_loader(bits: int, word_loads: int, device: str, head_dim: int = 96, num_slots: int = 12) -> None:
+def check_tile_loader(bits: int, word_loads: bool, device: str, head_dim: int = 96, num_slots: int = 12) -> None:
     """Random words (every code, straddling ones and set sign bits included) and scales; the loader's tile for kv
     head 1 of a shuffled set of slots (the last slot among them, so its head ends the buffer) must equal the
     reference's dequantized values exactly, and padding keys and dims must read as zeros."""
-    gen = torch.Generator().manual_seed(bits * 10 + word_loads)
+    gen = torch.Generator().manual_seed(bits * 10 + int(word_loads))
     pages = kv_quant_ref.empty_quant_pages(num_slots // 4, 4, 2, head_dim, bits, device)
     codes = torch.randint(-(1 << 31), 1 << 31, pages.codes.shape, generator=gen, dtype=torch.int64)
     pages.codes.copy_(codes.to(torch.int32))

@@ -209,7 +209,12 @@ TRITON_CASES = [
 
 
 def triton_vs_reference(
-    batch: RaggedBatch, dtype: torch.dtype, split: bool, window: int | None = None, word_loads: bool = True
+    batch: RaggedBatch,
+    dtype: torch.dtype,
+    split: bool,
+    window: int | None = None,
+    word_loads: bool = True,
+    keys_major: bool | None = None,
 ) -> None:
     def in_dtype(pages: torch.Tensor | kv_quant_ref.QuantPages) -> torch.Tensor | kv_quant_ref.QuantPages:
         return pages.to(dtype) if isinstance(pages, torch.Tensor) else pages
@@ -218,7 +223,9 @@ def triton_vs_reference(
     args = (q, in_dtype(batch.cache.k[0]), in_dtype(batch.cache.v[0]), batch.block_tables)
     lens = (batch.query_lens, batch.context_lens)
     # many splits of 16 keys, or one program per query block
-    config = triton_attention.AttentionConfig(block_n=16, target_programs=10_000 if split else 1, word_loads=word_loads)
+    config = triton_attention.AttentionConfig(
+        block_n=16, target_programs=10_000 if split else 1, word_loads=word_loads, keys_major=keys_major
+    )
     plan = triton_attention.plan_attention(*lens, q.shape[1], batch.cache.num_kv_heads, "cpu", config)
     assert (plan.num_splits > 1) == split
     got = triton_attention.paged_attention(*args, *lens, window=window, plan=plan)
@@ -239,12 +246,16 @@ def test_triton_paged_attention_matches_the_reference_on_ragged_prefill_and_deco
     triton_vs_reference(batch, dtype, split)
 
 
-@pytest.mark.parametrize(("kv_bits", "word_loads"), [((None, None), True), ((4, 4), True), ((4, 3), False)])
-def test_triton_decode_over_long_contexts_split_many_ways_matches_the_reference(kv_bits, word_loads) -> None:
+@pytest.mark.parametrize(
+    ("kv_bits", "word_loads", "keys_major"),
+    [((None, None), True, None), ((None, None), True, True), ((4, 4), True, None), ((4, 4), True, False),
+     ((4, 3), False, None), ((8, 2), True, None)],
+)  # fmt: skip
+def test_triton_decode_over_long_contexts_split_many_ways_matches_the_reference(kv_bits, word_loads, keys_major):
     shapes = [(300, 1), (7, 1), (129, 1), (64, 1)]  # ragged decode: some splits of short sequences see no key
     batch = RaggedBatch(shapes, 8, 2, 64, 16, kv_bits, seed=3)
     batch.write_new()
-    triton_vs_reference(batch, torch.float32, split=True, word_loads=word_loads)
+    triton_vs_reference(batch, torch.float32, split=True, word_loads=word_loads, keys_major=keys_major)
 
 
 @pytest.mark.parametrize("k_bits", range(2, 9))
@@ -255,9 +266,9 @@ def test_triton_attention_reads_every_width_as_keys_and_as_values(k_bits: int) -
     triton_vs_reference(batch, torch.float32, split=k_bits % 2 == 0)
 
 
-@pytest.mark.parametrize("word_loads", [0, 1, 2])
+@pytest.mark.parametrize("word_loads", [True, False])
 @pytest.mark.parametrize("bits", range(2, 9))
-def test_triton_tile_loader_dequantizes_exactly_like_the_reference(bits: int, word_loads: int) -> None:
+def test_triton_tile_loader_dequantizes_exactly_like_the_reference(bits: int, word_loads: bool) -> None:
     # head_dim 96 leaves a padded group in the 128-wide tile
     kv_tile.check_tile_loader(bits, word_loads, "cpu")
 
