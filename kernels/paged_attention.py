@@ -224,9 +224,17 @@ def _joined_values(
     ok = k_ok[None, :] & (w < words_per_head)[:, None]
     words = tl.load(pages_ptr + slots[None, :] * stride_slot + kv_head * words_per_head + w[:, None], mask=ok, other=0)
     words = words.to(tl.uint32, bitcast=True)
-    group = kv_head * (HEAD_DIM // 32) + w // BITS  # a group of 32 values is BITS words
-    scale = tl.load(scales_ptr + slots[None, :] * stride_scale_slot + group[:, None], mask=ok, other=0.0)
-    a, c = _word_constants(scale, BITS)
+    # A row's group scales are contiguous: loaded as one run per row (vectorized, so the pipeliner can prefetch them
+    # like the words), then each group's constants repeat over its BITS words.
+    BLOCK_G: tl.constexpr = BLOCK_D // 32
+    g = tl.arange(0, BLOCK_G)
+    g_ok = k_ok[None, :] & (g < HEAD_DIM // 32)[:, None]
+    scale = tl.load(
+        scales_ptr + slots[None, :] * stride_scale_slot + kv_head * (HEAD_DIM // 32) + g[:, None], mask=g_ok, other=0.0
+    )
+    a_g, c_g = _word_constants(scale, BITS)
+    a = tl.reshape(tl.broadcast_to(a_g[:, None, :], [BLOCK_G, BITS, BLOCK_N]), [BLOCK_W, BLOCK_N])
+    c = tl.reshape(tl.broadcast_to(c_g[:, None, :], [BLOCK_G, BITS, BLOCK_N]), [BLOCK_W, BLOCK_N])
     if BITS == 8:
         v = _four_codes(words, a, c, magic, 0, 8, BITS)
         v = tl.permute(v, (1, 0, 2, 3))
