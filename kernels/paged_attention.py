@@ -51,6 +51,10 @@ class AttentionConfig:
     # Dot order: K q^T and V^T p^T (True: the K/V tile is the A operand of Hopper's wgmma, fewer instructions per
     # key for a dequantized tile) or q K^T and p V (False). None: keys-major when either side is quantized.
     keys_major: bool | None = None
+    # Long prefills over fully quantized pages: when each cached tile would be dequantized by at least this many query
+    # blocks on average, dequantize the batch's pages once into a transient bf16/fp16 copy (still rotated) and attend
+    # over that instead. None: never. The copy must fit half of the memory the allocator can still hand out.
+    dequantize_reuse: int | None = 4
 
 
 @dataclass
@@ -390,6 +394,8 @@ def _paged_attention_kernel(
     SPLIT: tl.constexpr,
     WORD_LOADS: tl.constexpr,
     KEYS_MAJOR: tl.constexpr,
+    ROTATED_K: tl.constexpr,  # keys / values sit in the rotated domain (quantized pages, or dequantized copies)
+    ROTATED_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     block = tl.program_id(0)
@@ -415,7 +421,7 @@ def _paged_attention_kernel(
         mask=row_ok[:, None] & dim_ok[None, :],
         other=0.0,
     )
-    if K_BITS > 0:  # keys are stored rotated: rotate the query once instead of un-rotating every key
+    if ROTATED_K:  # keys are stored rotated: rotate the query once instead of un-rotating every key
         hd = tl.arange(0, BLOCK_D)
         h = tl.load(h_ptr + hd[:, None] * BLOCK_D + hd[None, :]).to(q.dtype)
         q = (tl.dot(q, h, input_precision=DOT_PRECISION) * 0.17677669529663687).to(q.dtype)
@@ -467,9 +473,8 @@ def _paged_attention_kernel(
         tl.store(part_l_ptr + part, l_i)
         tl.store(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], acc)
     else:
-        unrotate: tl.constexpr = V_BITS > 0
         _store_rows(
-            out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh, BLOCK_D, unrotate
+            out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh, BLOCK_D, ROTATED_V
         )
 
 
@@ -524,6 +529,93 @@ def _merge_splits_kernel(
         out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dims < HEAD_DIM, stride_ot, stride_oh, BLOCK_D,
         UNROTATE,
     )  # fmt: skip
+
+
+@triton.jit
+def _dequantize_pages_kernel(
+    pages_ptr,
+    scales_ptr,
+    page_ids_ptr,
+    out_ptr,
+    stride_slot,
+    stride_scale_slot,
+    magic,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Copy p of one kv head: the rotated values of page page_ids[p], in out's dtype, at out[p, :, head, :]."""
+    copy = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    page = tl.load(page_ids_ptr + copy).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    row_ok = rows < PAGE_SIZE
+    tile = _load_kv_tile(
+        pages_ptr, scales_ptr, page * PAGE_SIZE + rows, row_ok, kv_head, stride_slot, stride_scale_slot, magic,
+        HEAD_DIM, BLOCK_N, BLOCK_D, BITS, True, out_ptr.dtype.element_ty,
+    )  # fmt: skip
+    dims = tl.arange(0, BLOCK_D)
+    slot = (copy * PAGE_SIZE + rows).to(tl.int64)
+    ptrs = out_ptr + (slot[:, None] * tl.num_programs(1) + kv_head) * HEAD_DIM + dims[None, :]
+    tl.store(ptrs, tile, mask=row_ok[:, None] & (dims < HEAD_DIM)[None, :])
+
+
+def dequantize_pages(pages: QuantPages, page_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[len(page_ids), page_size, kv_heads, head_dim] in ``dtype``: the listed pages dequantized, still rotated
+    (what the attention kernel reads from quantized pages, value for value)."""
+    num_pages, page_size, num_kv_heads, head_dim = len(page_ids), pages.page_size, pages.num_kv_heads, pages.head_dim
+    out = torch.empty(num_pages, page_size, num_kv_heads, head_dim, dtype=dtype, device=pages.codes.device)
+    if num_pages:
+        _dequantize_pages_kernel[(num_pages, num_kv_heads)](
+            pages.codes, pages.scales, page_ids, out,
+            pages.codes[0, 0].numel(), pages.scales[0, 0].numel(), FLOAT_MAGIC,
+            PAGE_SIZE=page_size, HEAD_DIM=head_dim, BLOCK_N=triton.next_power_of_2(page_size),
+            BLOCK_D=max(32, triton.next_power_of_2(head_dim)), BITS=pages.bits,
+        )  # fmt: skip
+    return out
+
+
+def _allocatable_bytes(device: torch.device) -> int:
+    """Memory a new allocation can still get: the device's free memory plus what torch holds cached but unused."""
+    if device.type != "cuda":
+        return 1 << 62
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _dequantized_copies(
+    k_pages: torch.Tensor | QuantPages,
+    v_pages: torch.Tensor | QuantPages,
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    plan: AttentionPlan,
+    dtype: torch.dtype,
+    config: AttentionConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(keys, values, block tables) over rotated copies of the pages the batch reads, when both sides are quantized
+    and long queries would otherwise dequantize each cached tile config.dequantize_reuse times or more (every query
+    block of a sequence reads its whole context); None to attend over the quantized pages directly."""
+    if config.dequantize_reuse is None or not (isinstance(k_pages, QuantPages) and isinstance(v_pages, QuantPages)):
+        return None
+    page_size = k_pages.page_size
+    pages = [-(-c // page_size) for c in context_lens]
+    blocks = [-(-n // plan.tokens_per_block) for n in query_lens]
+    if sum(b * p for b, p in zip(blocks, pages, strict=True)) < config.dequantize_reuse * sum(pages):
+        return None
+    copy_bytes = 2 * sum(pages) * page_size * k_pages.num_kv_heads * k_pages.head_dim * torch.finfo(dtype).bits // 8
+    if 2 * copy_bytes > _allocatable_bytes(block_tables.device):
+        return None
+    # Copy j of sequence b is its j-th page; a page two sequences share is copied for each (prefixes are rare here).
+    rows = torch.tensor([b for b, n in enumerate(pages) for _ in range(n)])
+    cols = torch.tensor([j for n in pages for j in range(n)])
+    rows, cols = rows.to(block_tables.device), cols.to(block_tables.device)
+    page_ids = block_tables[rows, cols].contiguous()
+    tables = torch.zeros(len(pages), max(pages), dtype=block_tables.dtype, device=block_tables.device)
+    tables[rows, cols] = torch.arange(len(page_ids), dtype=block_tables.dtype, device=block_tables.device)
+    return dequantize_pages(k_pages, page_ids, dtype), dequantize_pages(v_pages, page_ids, dtype), tables
 
 
 def _pages_args(pages: torch.Tensor | QuantPages) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -584,7 +676,14 @@ def paged_attention(
 
     scale = head_dim**-0.5 if scale is None else scale
     block_d = max(16, triton.next_power_of_2(head_dim))
-    rotated = k_bits > 0 or v_bits > 0
+    cfg = config or plan.config
+    rotated_k, rotated_v = k_bits > 0, v_bits > 0  # quantized pages hold rotated values
+    dense = _dequantized_copies(k_pages, v_pages, block_tables, query_lens, context_lens, plan, q.dtype, cfg)
+    if dense is not None:  # attend over rotated bf16/fp16 copies: the kernel's unquantized path, rotation kept
+        k_data, v_data, block_tables = dense
+        k_scales, v_scales, ks_stride, vs_stride, k_bits, v_bits = k_data, v_data, 0, 0, 0, 0
+        k_stride = v_stride = k_data[0, 0].numel()
+    rotated = rotated_k or rotated_v
     h = block_hadamard(head_dim, block_d, q.device, q.dtype) if rotated else q  # q: an unused placeholder
     out = torch.empty_like(q)
     num_blocks = plan.block_seq.shape[0]
@@ -596,8 +695,7 @@ def paged_attention(
         part_acc = torch.empty(part_rows, block_d, dtype=torch.float32, device=q.device)
     else:
         part_m = part_l = part_acc = out  # unused
-    cfg = config or plan.config
-    keys_major = cfg.keys_major if cfg.keys_major is not None else rotated
+    keys_major = cfg.keys_major if cfg.keys_major is not None else k_bits > 0 or v_bits > 0
     _paged_attention_kernel[(num_blocks, num_kv_heads, plan.num_splits)](
         q, out, k_data, k_scales, v_data, v_scales, h, block_tables,
         plan.block_seq, plan.block_tok, plan.q_start, plan.q_len, plan.ctx_len,
@@ -609,7 +707,7 @@ def paged_attention(
         PAGE_SIZE=page_size, GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, HAS_WINDOW=window is not None,
         K_BITS=k_bits, V_BITS=v_bits, SPLIT=split, WORD_LOADS=cfg.word_loads, KEYS_MAJOR=keys_major,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        ROTATED_K=rotated_k, ROTATED_V=rotated_v, DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if split:
@@ -618,7 +716,7 @@ def paged_attention(
             plan.block_seq, plan.block_tok, plan.q_start, plan.q_len,
             plan.num_splits, out.stride(0), out.stride(1),
             GROUP_SIZE=plan.group, TOKENS_PER_BLOCK=plan.tokens_per_block,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, UNROTATE=v_bits > 0,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=plan.block_m, UNROTATE=rotated_v,
             num_warps=cfg.num_warps,
         )  # fmt: skip
     return out

@@ -215,6 +215,7 @@ def triton_vs_reference(
     window: int | None = None,
     word_loads: bool = True,
     keys_major: bool | None = None,
+    dequantize_reuse: int | None = None,
 ) -> None:
     def in_dtype(pages: torch.Tensor | kv_quant_ref.QuantPages) -> torch.Tensor | kv_quant_ref.QuantPages:
         return pages.to(dtype) if isinstance(pages, torch.Tensor) else pages
@@ -224,7 +225,11 @@ def triton_vs_reference(
     lens = (batch.query_lens, batch.context_lens)
     # many splits of 16 keys, or one program per query block
     config = triton_attention.AttentionConfig(
-        block_n=16, target_programs=10_000 if split else 1, word_loads=word_loads, keys_major=keys_major
+        block_n=16,
+        target_programs=10_000 if split else 1,
+        word_loads=word_loads,
+        keys_major=keys_major,
+        dequantize_reuse=dequantize_reuse,
     )
     plan = triton_attention.plan_attention(*lens, q.shape[1], batch.cache.num_kv_heads, "cpu", config)
     assert (plan.num_splits > 1) == split
@@ -264,6 +269,42 @@ def test_triton_attention_reads_every_width_as_keys_and_as_values(k_bits: int) -
     batch = RaggedBatch([(21, 1), (9, 6), (0, 3)], 8, 2, 64, 4, kv_bits, seed=k_bits)
     batch.write_new()
     triton_vs_reference(batch, torch.float32, split=k_bits % 2 == 0)
+
+
+@pytest.mark.parametrize(("kv_bits", "page_size", "split"), [((4, 4), 16, False), ((3, 8), 4, True), ((2, 5), 3, True)])
+def test_triton_prefill_over_dequantized_copies_matches_the_reference(kv_bits, page_size: int, split: bool) -> None:
+    batch = RaggedBatch(SHAPES + [(70, 33)], 8, 2, 64, page_size, kv_bits, seed=page_size)
+    batch.write_new()
+    args = (batch.cache.k[0], batch.cache.v[0], batch.block_tables, batch.query_lens, batch.context_lens)
+    config = triton_attention.AttentionConfig(block_n=16, dequantize_reuse=1)
+    plan = triton_attention.plan_attention(batch.query_lens, batch.context_lens, 8, 2, "cpu", config)
+    copies = triton_attention._dequantized_copies(*args, plan, torch.float32, config)
+    assert copies is not None  # the path under test is taken
+    keys, values, tables = copies
+    for side, bits, copy in ((batch.cache.k[0], kv_bits[0], keys), (batch.cache.v[0], kv_bits[1], values)):
+        for seq, table in enumerate(batch.tables):  # each copy holds the rotated values of the page it stands for
+            for col, page in enumerate(table):
+                want = kv_quant_ref.dequantize_ref(side.codes[page], side.scales[page], bits, rotated=True)
+                assert torch.equal(copy[int(tables[seq, col])], want)
+    triton_vs_reference(batch, torch.float32, split, dequantize_reuse=1)
+
+
+def test_dequantized_copies_are_made_only_for_long_queries_over_fully_quantized_pages() -> None:
+    decode = RaggedBatch([(40, 1), (9, 1)], 8, 2, 64, 4, (4, 4), seed=1)
+    prefill = RaggedBatch([(40, 60), (0, 50)], 8, 2, 64, 4, (4, 4), seed=2)
+    mixed = RaggedBatch([(40, 60), (0, 50)], 8, 2, 64, 4, (4, None), seed=3)
+
+    def copies(batch: RaggedBatch, reuse: int | None):
+        config = triton_attention.AttentionConfig(dequantize_reuse=reuse)
+        lens = (batch.query_lens, batch.context_lens)
+        plan = triton_attention.plan_attention(*lens, 8, 2, "cpu", config)
+        pages = (batch.cache.k[0], batch.cache.v[0], batch.block_tables)
+        return triton_attention._dequantized_copies(*pages, *lens, plan, torch.float32, config)
+
+    assert copies(decode, 4) is None  # one query block per sequence: each tile is read once anyway
+    assert copies(prefill, 4) is not None  # 60 and 50 new tokens of 4 heads: 4 query blocks each
+    assert copies(prefill, 5) is None and copies(prefill, None) is None
+    assert copies(mixed, 1) is None  # values unquantized: nothing to dequantize on that side
 
 
 @pytest.mark.parametrize("word_loads", [True, False])

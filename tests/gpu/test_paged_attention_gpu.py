@@ -11,7 +11,7 @@ import torch
 from inference_worker.attention import paged_attention as reference_attention
 from inference_worker.kv_cache import KVBits, PagedKVCache
 from kernels import kv_quant, kv_quant_ref
-from kernels.paged_attention import AttentionConfig, paged_attention
+from kernels.paged_attention import AttentionConfig, dequantize_pages, paged_attention
 from tests.kv_tile import check_tile_loader
 
 pytestmark = [
@@ -32,6 +32,7 @@ VARIANTS = [  # (format, key/value bits, kernel configuration)
     ("K4/V4", (4, 4), AttentionConfig(keys_major=False)),
     ("K4/V4", (4, 4), AttentionConfig(word_loads=False)),
     ("K4/V4", (4, 4), AttentionConfig(block_n=128, num_warps=8)),
+    ("K4/V4", (4, 4), AttentionConfig(dequantize_reuse=None)),  # long prefills over the quantized pages directly
     ("K8/V8", (8, 8), AttentionConfig()),
     ("K2/V4", (2, 4), AttentionConfig()),
     ("K3/V5", (3, 5), AttentionConfig()),
@@ -57,6 +58,18 @@ def test_fused_append_stores_the_reference_codes_and_scales(bits: int) -> None:
     got = kv_quant_ref.unpack_codes(pages.codes.view(4096, KV_HEADS, -1)[slots], bits)
     assert torch.equal(got, kv_quant_ref.unpack_codes(codes, bits))
     assert torch.equal(pages.scales.view(4096, KV_HEADS, -1)[slots], scales)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_dequantized_page_copies_hold_the_reference_values(bits: int) -> None:
+    gen = torch.Generator(device="cuda").manual_seed(bits)
+    pages = kv_quant_ref.empty_quant_pages(64, PAGE_SIZE, KV_HEADS, HEAD_DIM, bits, "cuda")
+    x = torch.randn(64 * PAGE_SIZE, KV_HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=torch.bfloat16)
+    kv_quant.quantize_append(pages, x, torch.arange(64 * PAGE_SIZE, device="cuda"))
+    page_ids = torch.randperm(64, generator=gen, device="cuda")[:40]
+    copies = dequantize_pages(pages, page_ids, torch.bfloat16)
+    want = kv_quant_ref.dequantize_ref(pages.codes[page_ids], pages.scales[page_ids], bits, rotated=True)
+    assert torch.equal(copies, want.to(torch.bfloat16))
 
 
 def filled_cache(kv_bits: KVBits, context_lens: list[int], gen: torch.Generator) -> tuple[PagedKVCache, torch.Tensor]:
