@@ -63,7 +63,7 @@ def compile_attention(variant: Variant) -> triton.compiler.CompiledKernel:
         "HEAD_DIM": variant.head_dim, "BLOCK_D": max(16, triton.next_power_of_2(variant.head_dim)),
         "BLOCK_M": block_m, "BLOCK_N": variant.block_n, "HAS_WINDOW": False, "K_BITS": variant.k_bits,
         "V_BITS": variant.v_bits, "SPLIT": True, "WORD_LOADS": variant.word_loads, "KEYS_MAJOR": variant.keys_major,
-        "DOT_PRECISION": None,
+        "ROTATED_K": variant.k_bits > 0, "ROTATED_V": variant.v_bits > 0, "DOT_PRECISION": None,
     }  # fmt: skip
     float_pointers = {"q_ptr", "out_ptr", "h_ptr"}
     signature = {}

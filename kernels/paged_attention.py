@@ -53,8 +53,9 @@ class AttentionConfig:
     keys_major: bool | None = None
     # Long prefills over fully quantized pages: when each cached tile would be dequantized by at least this many query
     # blocks on average, dequantize the batch's pages once into a transient bf16/fp16 copy (still rotated) and attend
-    # over that instead. None: never. The copy must fit half of the memory the allocator can still hand out.
-    dequantize_reuse: int | None = 4
+    # over that instead (4 is a sane value). The copy must fit half of the memory the allocator can still hand out.
+    # None (the default until the GPU has timed it): never.
+    dequantize_reuse: int | None = None
 
 
 @dataclass

@@ -32,7 +32,8 @@ VARIANTS = [  # (format, key/value bits, kernel configuration)
     ("K4/V4", (4, 4), AttentionConfig(keys_major=False)),
     ("K4/V4", (4, 4), AttentionConfig(word_loads=False)),
     ("K4/V4", (4, 4), AttentionConfig(block_n=128, num_warps=8)),
-    ("K4/V4", (4, 4), AttentionConfig(dequantize_reuse=None)),  # long prefills over the quantized pages directly
+    ("K4/V4", (4, 4), AttentionConfig(dequantize_reuse=4)),  # the prefill case through dequantized page copies
+    ("K3/V5", (3, 5), AttentionConfig(dequantize_reuse=4)),
     ("K8/V8", (8, 8), AttentionConfig()),
     ("K2/V4", (2, 4), AttentionConfig()),
     ("K3/V5", (3, 5), AttentionConfig()),
