@@ -222,7 +222,9 @@ def _joined_values(
 ):
     """[BLOCK_N, BLOCK_D] float32 values for BITS in (2, 4, 8): each row's words are loaded once, each word's group
     constants are computed once, and the word's 32 / BITS codes are dequantized in the word's own layout and then
-    joined into consecutive dims (code l of word w is dim w * 32 / BITS + l), so no value changes threads."""
+    joined into consecutive dims (code l of word w is dim w * 32 / BITS + l), so no value changes threads. Words
+    load as [words, keys], not [keys, words]: then a word's joined codes land in consecutive registers of its thread
+    and the tile reaches shared memory in 16-byte stores (2-byte ones the other way round; bench/kernel_sass.py)."""
     BLOCK_W: tl.constexpr = BLOCK_D // 32 * BITS
     words_per_head: tl.constexpr = HEAD_DIM // 32 * BITS
     w = tl.arange(0, BLOCK_W)
