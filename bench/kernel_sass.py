@@ -1,8 +1,12 @@
-"""Compile the paged-attention kernel for Hopper (sm_90a) on any machine, GPU or not, and count what its inner loop
-issues: registers, spills, shared memory, and the SASS instructions of the key loop by opcode.
+"""Compile a Triton kernel for Hopper (sm_90a) on any machine, GPU or not, and count what its inner loop issues:
+registers, spills, shared memory, and the SASS instructions of the loop by opcode.
 
     python bench/kernel_sass.py [--formats fp16,K4/V4,...] [--block-n 64] [--warps 4] [--stages 2]
                                 [--word-loads 1,0] [--keys-major 1,0] [--decode-group 4] [--json FILE]
+    python bench/kernel_sass.py --exl3-gemv [--bits 2,4] [--codebook mul1] [--rows 16] [--warps 8] [--json FILE]
+
+The first form counts the paged-attention decode kernel (instructions per key); the second the EXL3 small-batch
+weight kernel (instructions per weight).
 
 Triton lowers the kernel to PTX and Triton's own ptxas (shipped in the wheel) assembles it; nothing runs. The
 signature mirrors what the JIT specializes at run time on real tensors (16-byte aligned pointers, strides that are
@@ -33,7 +37,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from inference_worker.kv_cache import parse_kv_bits  # noqa: E402
+from kernels import exl3_matmul  # noqa: E402
 from kernels import paged_attention as attention  # noqa: E402
+from kernels.exl3_reconstruct import CODEBOOK_IDS, group_size  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 PTXAS_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -153,6 +159,45 @@ def format_bits(fmt: str) -> tuple[int, int]:
     return tuple(b or 0 for b in parse_kv_bits(f"{k.removeprefix('K')},{v.removeprefix('V')}"))
 
 
+def compile_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int) -> triton.compiler.CompiledKernel:
+    """The fused EXL3 weight kernel (one 128-column block, two 64-row halves per step) for sm_90a, inline PTX on."""
+    kernel = exl3_matmul._gemv_kernel
+    steps = 4
+    constants = {
+        "K": bits, "G": group_size(bits), "CODEBOOK": CODEBOOK_IDS[codebook], "BLOCK_M": 16 if rows <= 16 else 32,
+        "STEPS": steps, "ASM": True,
+    }  # fmt: skip
+    pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
+    signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
+    aligned = [n for n, t in signature.items() if t.startswith("*") or n in ("n_cols", "stride_xh")]
+    index = kernel.arg_names.index
+    source = ASTSource(
+        kernel,
+        signature,
+        constexprs={(index(n),): v for n, v in constants.items()},
+        attrs={(index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
+    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
+
+
+def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int) -> dict:
+    """Per 128 x 128 step of the weight kernel: the loop body when the compiler kept the loop, else the whole
+    kernel over its steps (an unrolled loop has no backward branch)."""
+    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps)
+    report, sass = assemble(compiled.asm["ptx"])
+    loop = inner_loop(sass)
+    per_step = loop if loop else [m.group(2) for m in INSTRUCTION.finditer(sass)]
+    scale = 1 if loop else 4  # the STEPS compile_exl3_gemv uses
+    registers = re.search(r"Used (\d+) registers", report)
+    return {
+        "registers": int(registers.group(1)) if registers else None,
+        "loop_instructions": len(per_step) / scale,
+        # thread instructions per weight, the unit of the issue's ceiling (~3 integer operations per weight)
+        "instructions_per_weight": len(per_step) / scale * num_warps * 32 / (128 * 128),
+        "loop_mix": dict(collections.Counter(per_step).most_common(12)),
+    }
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
@@ -168,13 +213,29 @@ def main() -> int:
     )
     parser.add_argument("--keys-major", type=int_list, default=[1, 0])
     parser.add_argument("--decode-group", type=int, default=4, help="query heads per kv head (Llama-3-8B: 4)")
+    parser.add_argument("--exl3-gemv", action="store_true", help="count the EXL3 weight kernel instead")
+    parser.add_argument("--bits", type=int_list, default=[2, 4], help="--exl3-gemv: trellis bits K")
+    parser.add_argument("--codebook", default="mul1", choices=sorted(CODEBOOK_IDS))
+    parser.add_argument("--rows", type=int, default=16, help="--exl3-gemv: batch rows (16 or 32 per program)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
+    if args.exl3_gemv:
+        for bits, warps in product(args.bits, args.warps):
+            counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps)
+            row = {"bits": bits, "codebook": args.codebook, "warps": warps, **counts}
+            rows.append(row)
+            print(
+                f"EXL3 K{bits} {args.codebook} warps {warps}: {row['instructions_per_weight']:.2f} instructions per "
+                f"weight, {row['loop_instructions']:.0f} per 128 x 128 step, {row['registers']} registers; "
+                f"{row['loop_mix']}",
+                flush=True,
+            )
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=2))
+        return 0
     for fmt in args.formats.split(","):
-        k_bits, v_bits = (
-            (0, 0) if fmt == "fp16" else (b or 0 for b in parse_kv_bits(fmt.replace("K", "").replace("/V", ",")))
-        )
+        k_bits, v_bits = format_bits(fmt)
         modes = args.word_loads if k_bits or v_bits else [1]
         for n, w, s, wl, km in product(args.block_n, args.warps, args.stages, modes, args.keys_major):
             variant = Variant(k_bits, v_bits, n, w, s, bool(wl), bool(km), args.decode_group)
