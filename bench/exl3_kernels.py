@@ -147,12 +147,13 @@ def time_bf16(k: int, n: int, m: int) -> float:
 
 
 def sweep_configs(base: GemvConfig) -> list[GemvConfig]:
-    grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in (1, 2, 4)]
+    grid = [replace(base, waves=wv, num_warps=w, prefetch=p) for w in (8, 4) for wv in (1, 2, 4) for p in (False, True)]
     return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)]
 
 
 def cfg_key(c: GemvConfig) -> str:
-    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}"
+    prefetch = "/prefetch" if c.prefetch else ""
+    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}{prefetch}"
 
 
 @triton.jit

@@ -3,7 +3,7 @@ registers, spills, shared memory, and the SASS instructions of the loop by opcod
 
     python bench/kernel_sass.py [--formats fp16,K4/V4,...] [--block-n 64] [--warps 4] [--stages 2]
                                 [--word-loads 1,0] [--keys-major 1,0] [--decode-group 4] [--json FILE]
-    python bench/kernel_sass.py --exl3-gemv [--bits 2,4] [--codebook mul1] [--rows 16] [--warps 8] [--json FILE]
+    python bench/kernel_sass.py --exl3-gemv [--bits 2,4] [--codebook mul1] [--rows 16] [--warps 8] [--prefetch 0,1]
 
 The first form counts the paged-attention decode kernel (instructions per key); the second the EXL3 small-batch
 weight kernel (instructions per weight).
@@ -159,13 +159,15 @@ def format_bits(fmt: str) -> tuple[int, int]:
     return tuple(b or 0 for b in parse_kv_bits(f"{k.removeprefix('K')},{v.removeprefix('V')}"))
 
 
-def compile_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int) -> triton.compiler.CompiledKernel:
+def compile_exl3_gemv(
+    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool
+) -> triton.compiler.CompiledKernel:
     """The fused EXL3 weight kernel (one 128-column block, two 64-row halves per step) for sm_90a, inline PTX on."""
     kernel = exl3_matmul._gemv_kernel
     steps = 4
     constants = {
         "K": bits, "G": group_size(bits), "CODEBOOK": CODEBOOK_IDS[codebook], "BLOCK_M": 16 if rows <= 16 else 32,
-        "STEPS": steps, "ASM": True,
+        "STEPS": steps, "ASM": True, "PREFETCH": prefetch,
     }  # fmt: skip
     pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
     signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
@@ -180,10 +182,10 @@ def compile_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int) -> tr
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
 
 
-def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int) -> dict:
+def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool) -> dict:
     """Per 128 x 128 step of the weight kernel: the loop body when the compiler kept the loop, else the whole
     kernel over its steps (an unrolled loop has no backward branch)."""
-    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps)
+    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps, prefetch)
     report, sass = assemble(compiled.asm["ptx"])
     loop = inner_loop(sass)
     per_step = loop if loop else [m.group(2) for m in INSTRUCTION.finditer(sass)]
@@ -217,18 +219,19 @@ def main() -> int:
     parser.add_argument("--bits", type=int_list, default=[2, 4], help="--exl3-gemv: trellis bits K")
     parser.add_argument("--codebook", default="mul1", choices=sorted(CODEBOOK_IDS))
     parser.add_argument("--rows", type=int, default=16, help="--exl3-gemv: batch rows (16 or 32 per program)")
+    parser.add_argument("--prefetch", type=int_list, default=[0, 1], help="--exl3-gemv: GemvConfig.prefetch")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
     if args.exl3_gemv:
-        for bits, warps in product(args.bits, args.warps):
-            counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps)
-            row = {"bits": bits, "codebook": args.codebook, "warps": warps, **counts}
+        for bits, warps, prefetch in product(args.bits, args.warps, args.prefetch):
+            counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch))
+            row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch), **counts}
             rows.append(row)
             print(
-                f"EXL3 K{bits} {args.codebook} warps {warps}: {row['instructions_per_weight']:.2f} instructions per "
-                f"weight, {row['loop_instructions']:.0f} per 128 x 128 step, {row['registers']} registers; "
-                f"{row['loop_mix']}",
+                f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch}: "
+                f"{row['instructions_per_weight']:.2f} instructions per weight, {row['loop_instructions']:.0f} per "
+                f"128 x 128 step, {row['registers']} registers; {row['loop_mix']}",
                 flush=True,
             )
         if args.json:

@@ -36,9 +36,11 @@ from kernels.exl3_reconstruct import (
     CODEBOOK_IDS,
     TILE,
     check_trellis,
+    decode_tile_words,
     decode_tiles,
     group_size,
     reconstruct_weight,
+    tile_words,
     trellis_words,
     use_asm,
 )
@@ -63,6 +65,9 @@ class GemvConfig:
     num_stages: int = 1
     finish_warps: int = 4
     finish_chunk: int = 32
+    # Load the next step's trellis words while this step decodes (a register double buffer; the kernel's one stage
+    # leaves its loads synchronous otherwise). Off until the GPU has timed it (bench/exl3_kernels.py --sweep).
+    prefetch: bool = False
 
 
 DEFAULT_CONFIG = GemvConfig()
@@ -82,20 +87,42 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     STEPS: tl.constexpr,  # 128-row steps per slice (constexpr: the interpreter cannot loop over a runtime count)
     ASM: tl.constexpr,
+    PREFETCH: tl.constexpr,  # load the next step's trellis words before decoding this step's (see GemvConfig)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
     r64 = tl.arange(0, 64)
     row_ok = rows < M
+    tiles_per_row = n_cols // 16
     acc = tl.zeros((128, BLOCK_M), dtype=tl.float32)  # (W^T xh^T) for this program's 128 columns
+    if PREFETCH:
+        na0, nb0, na1, nb1, na2, nb2, na3, nb3 = tile_words(
+            words_ptr, pid_s * STEPS * 8, pid_n * 8, tiles_per_row, K, G, 4, 8
+        )
+        nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3 = tile_words(
+            words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8
+        )
     for i in range(STEPS):
         step = pid_s * STEPS + i
         xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
         xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
         xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
-        w_a = decode_tiles(words_ptr, step * 8, pid_n * 8, n_cols // 16, K, G, CODEBOOK, 4, 8, ASM)
-        w_b = decode_tiles(words_ptr, step * 8 + 4, pid_n * 8, n_cols // 16, K, G, CODEBOOK, 4, 8, ASM)
+        if PREFETCH:
+            a0, b0, a1, b1, a2, b2, a3, b3 = na0, nb0, na1, nb1, na2, nb2, na3, nb3
+            c0, d0, c1, d1, c2, d2, c3, d3 = nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3
+            ahead = tl.minimum(step + 1, pid_s * STEPS + STEPS - 1)  # the last step re-reads its own words
+            na0, nb0, na1, nb1, na2, nb2, na3, nb3 = tile_words(
+                words_ptr, ahead * 8, pid_n * 8, tiles_per_row, K, G, 4, 8
+            )
+            nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3 = tile_words(
+                words_ptr, ahead * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8
+            )
+            w_a = decode_tile_words(a0, b0, a1, b1, a2, b2, a3, b3, K, G, CODEBOOK, 4, 8, ASM)
+            w_b = decode_tile_words(c0, d0, c1, d1, c2, d2, c3, d3, K, G, CODEBOOK, 4, 8, ASM)
+        else:
+            w_a = decode_tiles(words_ptr, step * 8, pid_n * 8, tiles_per_row, K, G, CODEBOOK, 4, 8, ASM)
+            w_b = decode_tiles(words_ptr, step * 8 + 4, pid_n * 8, tiles_per_row, K, G, CODEBOOK, 4, 8, ASM)
         acc = tl.dot(tl.trans(w_a), xh_a, acc)
         acc = tl.dot(tl.trans(w_b), xh_b, acc)
     cols = pid_n * 128 + tl.arange(0, 128)
@@ -246,6 +273,7 @@ def gemv_launches(
         BLOCK_M=16 if m <= 16 else 32,
         STEPS=steps,
         ASM=use_asm(),
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

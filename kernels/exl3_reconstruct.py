@@ -91,20 +91,32 @@ def codebook_value(state, CODEBOOK: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _group_window(words_ptr, tile_off, lane, q: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
-    """[lane, tile]: the bits of states 8*lane + q*G .. + G-1, right-aligned: the group's last state is the low 16 bits.
+def _group_start(lane, q: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """The first bit of group q's first window for each lane, kept >= 0 (counted modulo the tile's ring)."""
+    return (8 * lane + q * G + 1) * K + (256 * K - 16)
+
+
+@triton.jit
+def _group_words(words_ptr, tile_off, lane, q: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """[lane, tile] (a, b): the two ring words holding the windows of states 8*lane + q*G .. + G-1.
 
     Lanes run along the first axis: the compiler then puts consecutive lanes, which read neighbouring words of one
     tile, in consecutive threads, so each warp-wide load touches one or two cache lines.
     """
     WORDS: tl.constexpr = 8 * K
-    start = (8 * lane + q * G + 1) * K + (256 * K - 16)  # first bit of the group's first window, kept >= 0
-    i0 = (start // 32) % WORDS
+    i0 = (_group_start(lane, q, K, G) // 32) % WORDS
     i1 = (i0 + 1) % WORDS
     a = tl.load(words_ptr + i0[:, None] + tile_off[None, :]).to(tl.uint32, bitcast=True)
     b = tl.load(words_ptr + i1[:, None] + tile_off[None, :]).to(tl.uint32, bitcast=True)
+    return a, b
+
+
+@triton.jit
+def _group_window(a, b, lane, q: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """[lane, tile]: the group's bits from its two words, right-aligned: the group's last state is the low 16 bits."""
     pair = (a.to(tl.uint64) << 32) | b.to(tl.uint64)
-    end = (start % 32) + 16 + (G - 1) * K  # end of the last window, counted from a's first bit; <= 64 by choice of G
+    # end of the last window, counted from a's first bit; <= 64 by choice of G
+    end = (_group_start(lane, q, K, G) % 32) + 16 + (G - 1) * K
     return pair >> (64 - end).to(tl.uint64)[:, None]
 
 
@@ -112,6 +124,75 @@ def _group_window(words_ptr, tile_off, lane, q: tl.constexpr, K: tl.constexpr, G
 def _state_value(window, g: tl.constexpr, K: tl.constexpr, G: tl.constexpr, CODEBOOK: tl.constexpr, ASM: tl.constexpr):
     state = ((window >> ((G - 1 - g) * K)) & 0xFFFF).to(tl.uint32)
     return codebook_value(state, CODEBOOK, ASM)
+
+
+@triton.jit
+def tile_words(
+    words_ptr, tile_row0, tile_col0, tiles_per_row, K: tl.constexpr, G: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr
+):
+    """The ring words ``decode_tile_words`` turns into the tiles at rows 16*tile_row0 .., columns 16*tile_col0 ..:
+    an (a, b) pair per group of G states, four pairs (groups that a G of 8 or 4 does not have repeat the last one).
+    Loaded apart from decoding so that a caller can fetch the next tiles' words while it decodes these."""
+    t = tl.arange(0, TR * TC)
+    tile_off = ((tile_row0 + t // TC) * tiles_per_row + tile_col0 + t % TC) * (8 * K)
+    lane = tl.arange(0, 32)
+    a0, b0 = _group_words(words_ptr, tile_off, lane, 0, K, G)
+    a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
+    if G <= 4:
+        a1, b1 = _group_words(words_ptr, tile_off, lane, 1, K, G)
+        a2, b2, a3, b3 = a1, b1, a1, b1
+    if G <= 2:
+        a2, b2 = _group_words(words_ptr, tile_off, lane, 2, K, G)
+        a3, b3 = _group_words(words_ptr, tile_off, lane, 3, K, G)
+    return a0, b0, a1, b1, a2, b2, a3, b3
+
+
+@triton.jit
+def decode_tile_words(
+    a0, b0, a1, b1, a2, b2, a3, b3,
+    K: tl.constexpr, G: tl.constexpr, CODEBOOK: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """W-hat tiles as a float16 (16*TR, 16*TC) tensor from the words ``tile_words`` loaded for them."""
+    lane = tl.arange(0, 32)
+    # values v{j} [lane, tile] for the lane's 8 consecutive states 8*lane + j
+    w0 = _group_window(a0, b0, lane, 0, K, G)
+    if G == 8:
+        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
+        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
+        v2 = _state_value(w0, 2, K, G, CODEBOOK, ASM)
+        v3 = _state_value(w0, 3, K, G, CODEBOOK, ASM)
+        v4 = _state_value(w0, 4, K, G, CODEBOOK, ASM)
+        v5 = _state_value(w0, 5, K, G, CODEBOOK, ASM)
+        v6 = _state_value(w0, 6, K, G, CODEBOOK, ASM)
+        v7 = _state_value(w0, 7, K, G, CODEBOOK, ASM)
+    elif G == 4:
+        w1 = _group_window(a1, b1, lane, 1, K, G)
+        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
+        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
+        v2 = _state_value(w0, 2, K, G, CODEBOOK, ASM)
+        v3 = _state_value(w0, 3, K, G, CODEBOOK, ASM)
+        v4 = _state_value(w1, 0, K, G, CODEBOOK, ASM)
+        v5 = _state_value(w1, 1, K, G, CODEBOOK, ASM)
+        v6 = _state_value(w1, 2, K, G, CODEBOOK, ASM)
+        v7 = _state_value(w1, 3, K, G, CODEBOOK, ASM)
+    else:
+        w1 = _group_window(a1, b1, lane, 1, K, G)
+        w2 = _group_window(a2, b2, lane, 2, K, G)
+        w3 = _group_window(a3, b3, lane, 3, K, G)
+        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
+        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
+        v2 = _state_value(w1, 0, K, G, CODEBOOK, ASM)
+        v3 = _state_value(w1, 1, K, G, CODEBOOK, ASM)
+        v4 = _state_value(w2, 0, K, G, CODEBOOK, ASM)
+        v5 = _state_value(w2, 1, K, G, CODEBOOK, ASM)
+        v6 = _state_value(w3, 0, K, G, CODEBOOK, ASM)
+        v7 = _state_value(w3, 1, K, G, CODEBOOK, ASM)
+    # j = j0 + 2*j1 + 4*j2 -> new minor axes (j0, j1, j2), all in one thread's registers
+    v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
+    # lane = 4*c0 + q; state (lane, j) sits at row 2q + j0 + 8*j1, column c0 + 8*j2 of its tile
+    v = tl.reshape(v, (8, 4, TR, TC, 2, 2, 2))  # (c0, q, tr, tc, j0, j1, j2)
+    v = tl.permute(v, (2, 5, 1, 4, 3, 6, 0))  # (tr, j1, q, j0, tc, j2, c0)
+    return tl.reshape(v, (16 * TR, 16 * TC))
 
 
 @triton.jit
@@ -128,48 +209,8 @@ def decode_tiles(
     ASM: tl.constexpr,
 ):
     """W-hat rows 16*tile_row0 .. +16*TR, columns 16*tile_col0 .. +16*TC as a float16 (16*TR, 16*TC) tensor."""
-    t = tl.arange(0, TR * TC)
-    tile_off = ((tile_row0 + t // TC) * tiles_per_row + tile_col0 + t % TC) * (8 * K)
-    lane = tl.arange(0, 32)
-    # values v{j} [lane, tile] for the lane's 8 consecutive states 8*lane + j
-    w0 = _group_window(words_ptr, tile_off, lane, 0, K, G)
-    if G == 8:
-        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
-        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
-        v2 = _state_value(w0, 2, K, G, CODEBOOK, ASM)
-        v3 = _state_value(w0, 3, K, G, CODEBOOK, ASM)
-        v4 = _state_value(w0, 4, K, G, CODEBOOK, ASM)
-        v5 = _state_value(w0, 5, K, G, CODEBOOK, ASM)
-        v6 = _state_value(w0, 6, K, G, CODEBOOK, ASM)
-        v7 = _state_value(w0, 7, K, G, CODEBOOK, ASM)
-    elif G == 4:
-        w1 = _group_window(words_ptr, tile_off, lane, 1, K, G)
-        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
-        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
-        v2 = _state_value(w0, 2, K, G, CODEBOOK, ASM)
-        v3 = _state_value(w0, 3, K, G, CODEBOOK, ASM)
-        v4 = _state_value(w1, 0, K, G, CODEBOOK, ASM)
-        v5 = _state_value(w1, 1, K, G, CODEBOOK, ASM)
-        v6 = _state_value(w1, 2, K, G, CODEBOOK, ASM)
-        v7 = _state_value(w1, 3, K, G, CODEBOOK, ASM)
-    else:
-        w1 = _group_window(words_ptr, tile_off, lane, 1, K, G)
-        w2 = _group_window(words_ptr, tile_off, lane, 2, K, G)
-        w3 = _group_window(words_ptr, tile_off, lane, 3, K, G)
-        v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
-        v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
-        v2 = _state_value(w1, 0, K, G, CODEBOOK, ASM)
-        v3 = _state_value(w1, 1, K, G, CODEBOOK, ASM)
-        v4 = _state_value(w2, 0, K, G, CODEBOOK, ASM)
-        v5 = _state_value(w2, 1, K, G, CODEBOOK, ASM)
-        v6 = _state_value(w3, 0, K, G, CODEBOOK, ASM)
-        v7 = _state_value(w3, 1, K, G, CODEBOOK, ASM)
-    # j = j0 + 2*j1 + 4*j2 -> new minor axes (j0, j1, j2), all in one thread's registers
-    v = tl.join(tl.join(tl.join(v0, v1), tl.join(v2, v3)), tl.join(tl.join(v4, v5), tl.join(v6, v7)))
-    # lane = 4*c0 + q; state (lane, j) sits at row 2q + j0 + 8*j1, column c0 + 8*j2 of its tile
-    v = tl.reshape(v, (8, 4, TR, TC, 2, 2, 2))  # (c0, q, tr, tc, j0, j1, j2)
-    v = tl.permute(v, (2, 5, 1, 4, 3, 6, 0))  # (tr, j1, q, j0, tc, j2, c0)
-    return tl.reshape(v, (16 * TR, 16 * TC))
+    a0, b0, a1, b1, a2, b2, a3, b3 = tile_words(words_ptr, tile_row0, tile_col0, tiles_per_row, K, G, TR, TC)
+    return decode_tile_words(a0, b0, a1, b1, a2, b2, a3, b3, K, G, CODEBOOK, TR, TC, ASM)
 
 
 @triton.jit

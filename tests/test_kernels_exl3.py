@@ -84,6 +84,16 @@ def test_fused_matmul_gives_the_same_result_for_any_tiling(in_pad: int, config: 
     assert relative_error(got, want) < 2e-3
 
 
+@pytest.mark.parametrize(("K", "codebook"), [(2, "mul1"), (5, "3inst"), (7, "mcg")])  # groups of 8, 4 and 2 states
+def test_prefetching_the_next_steps_words_changes_no_bit(K: int, codebook: str) -> None:
+    trellis, suh, svh = random_layer(1024, OUT_PAD, K, seed=20 + K)
+    x = torch.randn(3, 1024).half()
+    plain = exl3_gemv(x, trellis, suh, svh, codebook, config=GemvConfig(splits=2))  # 4 steps a program
+    ahead = exl3_gemv(x, trellis, suh, svh, codebook, config=GemvConfig(splits=2, prefetch=True))
+    assert torch.equal(ahead, plain)
+    assert relative_error(ahead, ref.exl3_matmul_ref(x.float(), trellis, suh, svh, codebook)) < 2e-3
+
+
 @pytest.mark.parametrize(
     ("width", "dtype", "config"),
     [(IN_PAD, torch.float16, None), (IN_FEATURES, torch.bfloat16, GemvConfig(splits=5, finish_chunk=2))],
