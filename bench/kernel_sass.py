@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
@@ -58,6 +59,18 @@ class Variant:
     keys_major: bool
     group: int  # query heads per kv head; one query token per sequence (decode)
     head_dim: int = 128
+
+
+def hopper_source(kernel: triton.JITFunction, signature: dict, constants: dict, aligned: list[str]) -> ASTSource:
+    """The kernel as the JIT would specialize it: constexprs bound, the named arguments known to be multiples of 16
+    (pointers from torch's allocator, strides of real shapes)."""
+    index = kernel.arg_names.index
+    return ASTSource(
+        kernel,
+        signature,
+        constexprs={(index(n),): v for n, v in constants.items()},
+        attrs={(index(n),): [["tt.divisibility", 16]] for n in aligned},
+    )
 
 
 def compile_attention(variant: Variant) -> triton.compiler.CompiledKernel:
@@ -95,13 +108,7 @@ def compile_attention(variant: Variant) -> triton.compiler.CompiledKernel:
     aligned = [
         n for n in kernel.arg_names if signature[n].startswith("*") or n.startswith("stride") or n == "split_len"
     ]
-    index = kernel.arg_names.index
-    source = ASTSource(
-        kernel,
-        signature,
-        constexprs={(index(n),): v for n, v in constants.items()},
-        attrs={(index(n),): [["tt.divisibility", 16]] for n in aligned},
-    )
+    source = hopper_source(kernel, signature, constants, aligned)
     return triton.compile(
         source, target=HOPPER, options={"num_warps": variant.num_warps, "num_stages": variant.num_stages}
     )
@@ -172,13 +179,7 @@ def compile_exl3_gemv(
     pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
     signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
     aligned = [n for n, t in signature.items() if t.startswith("*") or n in ("n_cols", "stride_xh")]
-    index = kernel.arg_names.index
-    source = ASTSource(
-        kernel,
-        signature,
-        constexprs={(index(n),): v for n, v in constants.items()},
-        attrs={(index(n),): [["tt.divisibility", 16]] for n in aligned},
-    )
+    source = hopper_source(kernel, signature, constants, aligned)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
 
 
@@ -223,36 +224,42 @@ def main() -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
-    if args.exl3_gemv:
-        for bits, warps, prefetch in product(args.bits, args.warps, args.prefetch):
-            counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch))
-            row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch), **counts}
-            rows.append(row)
-            print(
+    for row, line in exl3_gemv_rows(args) if args.exl3_gemv else attention_rows(args):
+        rows.append(row)
+        print(line, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def exl3_gemv_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
+    for bits, warps, prefetch in product(args.bits, args.warps, args.prefetch):
+        counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch))
+        row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch), **counts}
+        yield (
+            row,
+            (
                 f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch}: "
                 f"{row['instructions_per_weight']:.2f} instructions per weight, {row['loop_instructions']:.0f} per "
-                f"128 x 128 step, {row['registers']} registers; {row['loop_mix']}",
-                flush=True,
-            )
-        if args.json:
-            args.json.write_text(json.dumps(rows, indent=2))
-        return 0
+                f"128 x 128 step, {row['registers']} registers; {row['loop_mix']}"
+            ),
+        )
+
+
+def attention_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
     for fmt in args.formats.split(","):
         k_bits, v_bits = format_bits(fmt)
         modes = args.word_loads if k_bits or v_bits else [1]
         for n, w, s, wl, km in product(args.block_n, args.warps, args.stages, modes, args.keys_major):
             variant = Variant(k_bits, v_bits, n, w, s, bool(wl), bool(km), args.decode_group)
             row = {"format": fmt, **variant.__dict__, **measure(variant)}
-            rows.append(row)
-            print(
-                f"{fmt:6} block {n:3} warps {w} stages {s} words {wl} {'keys' if km else 'queries'}-major: "
+            major = "keys" if km else "queries"
+            line = (
+                f"{fmt:6} block {n:3} warps {w} stages {s} words {wl} {major}-major: "
                 f"{row['warp_instructions_per_key']:6.1f} warp instructions per key, loop {row['loop_instructions']}, "
-                f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, {row['shared_bytes']} B shared",
-                flush=True,
+                f"{row['registers']} registers, {row['spill_store_bytes']} B spilled, {row['shared_bytes']} B shared"
             )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
-    return 0
+            yield row, line
 
 
 if __name__ == "__main__":
