@@ -96,30 +96,21 @@ def _gemv_kernel(
     row_ok = rows < M
     tiles_per_row = n_cols // 16
     acc = tl.zeros((128, BLOCK_M), dtype=tl.float32)  # (W^T xh^T) for this program's 128 columns
-    if PREFETCH:
-        na0, nb0, na1, nb1, na2, nb2, na3, nb3 = tile_words(
-            words_ptr, pid_s * STEPS * 8, pid_n * 8, tiles_per_row, K, G, 4, 8
-        )
-        nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3 = tile_words(
-            words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8
-        )
+    if PREFETCH:  # this step's two halves' words, loaded one step ahead
+        next_a = tile_words(words_ptr, pid_s * STEPS * 8, pid_n * 8, tiles_per_row, K, G, 4, 8)
+        next_b = tile_words(words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8)
     for i in range(STEPS):
         step = pid_s * STEPS + i
         xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
         xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
         xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
         if PREFETCH:
-            a0, b0, a1, b1, a2, b2, a3, b3 = na0, nb0, na1, nb1, na2, nb2, na3, nb3
-            c0, d0, c1, d1, c2, d2, c3, d3 = nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3
+            words_a, words_b = next_a, next_b
             ahead = tl.minimum(step + 1, pid_s * STEPS + STEPS - 1)  # the last step re-reads its own words
-            na0, nb0, na1, nb1, na2, nb2, na3, nb3 = tile_words(
-                words_ptr, ahead * 8, pid_n * 8, tiles_per_row, K, G, 4, 8
-            )
-            nc0, nd0, nc1, nd1, nc2, nd2, nc3, nd3 = tile_words(
-                words_ptr, ahead * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8
-            )
-            w_a = decode_tile_words(a0, b0, a1, b1, a2, b2, a3, b3, K, G, CODEBOOK, 4, 8, ASM)
-            w_b = decode_tile_words(c0, d0, c1, d1, c2, d2, c3, d3, K, G, CODEBOOK, 4, 8, ASM)
+            next_a = tile_words(words_ptr, ahead * 8, pid_n * 8, tiles_per_row, K, G, 4, 8)
+            next_b = tile_words(words_ptr, ahead * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8)
+            w_a = decode_tile_words(words_a, K, G, CODEBOOK, 4, 8, ASM)
+            w_b = decode_tile_words(words_b, K, G, CODEBOOK, 4, 8, ASM)
         else:
             w_a = decode_tiles(words_ptr, step * 8, pid_n * 8, tiles_per_row, K, G, CODEBOOK, 4, 8, ASM)
             w_b = decode_tiles(words_ptr, step * 8 + 4, pid_n * 8, tiles_per_row, K, G, CODEBOOK, 4, 8, ASM)

@@ -131,31 +131,34 @@ def tile_words(
     words_ptr, tile_row0, tile_col0, tiles_per_row, K: tl.constexpr, G: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr
 ):
     """The ring words ``decode_tile_words`` turns into the tiles at rows 16*tile_row0 .., columns 16*tile_col0 ..:
-    an (a, b) pair per group of G states, four pairs (groups that a G of 8 or 4 does not have repeat the last one).
-    Loaded apart from decoding so that a caller can fetch the next tiles' words while it decodes these."""
+    a tuple (a, b, a, b, ...) with one pair per group of G states (8 / G pairs). Loaded apart from decoding so that
+    a caller can fetch the next tiles' words while it decodes these."""
     t = tl.arange(0, TR * TC)
     tile_off = ((tile_row0 + t // TC) * tiles_per_row + tile_col0 + t % TC) * (8 * K)
     lane = tl.arange(0, 32)
     a0, b0 = _group_words(words_ptr, tile_off, lane, 0, K, G)
-    a1, b1, a2, b2, a3, b3 = a0, b0, a0, b0, a0, b0
-    if G <= 4:
+    if G == 8:
+        words = (a0, b0)
+    else:
         a1, b1 = _group_words(words_ptr, tile_off, lane, 1, K, G)
-        a2, b2, a3, b3 = a1, b1, a1, b1
-    if G <= 2:
-        a2, b2 = _group_words(words_ptr, tile_off, lane, 2, K, G)
-        a3, b3 = _group_words(words_ptr, tile_off, lane, 3, K, G)
-    return a0, b0, a1, b1, a2, b2, a3, b3
+        if G == 4:
+            words = (a0, b0, a1, b1)
+        else:
+            a2, b2 = _group_words(words_ptr, tile_off, lane, 2, K, G)
+            a3, b3 = _group_words(words_ptr, tile_off, lane, 3, K, G)
+            words = (a0, b0, a1, b1, a2, b2, a3, b3)
+    return words
 
 
 @triton.jit
 def decode_tile_words(
-    a0, b0, a1, b1, a2, b2, a3, b3,
-    K: tl.constexpr, G: tl.constexpr, CODEBOOK: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr,
+    words, K: tl.constexpr, G: tl.constexpr, CODEBOOK: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr,
+    ASM: tl.constexpr,
 ):  # fmt: skip
     """W-hat tiles as a float16 (16*TR, 16*TC) tensor from the words ``tile_words`` loaded for them."""
     lane = tl.arange(0, 32)
     # values v{j} [lane, tile] for the lane's 8 consecutive states 8*lane + j
-    w0 = _group_window(a0, b0, lane, 0, K, G)
+    w0 = _group_window(words[0], words[1], lane, 0, K, G)
     if G == 8:
         v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
         v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
@@ -166,7 +169,7 @@ def decode_tile_words(
         v6 = _state_value(w0, 6, K, G, CODEBOOK, ASM)
         v7 = _state_value(w0, 7, K, G, CODEBOOK, ASM)
     elif G == 4:
-        w1 = _group_window(a1, b1, lane, 1, K, G)
+        w1 = _group_window(words[2], words[3], lane, 1, K, G)
         v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
         v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
         v2 = _state_value(w0, 2, K, G, CODEBOOK, ASM)
@@ -176,9 +179,9 @@ def decode_tile_words(
         v6 = _state_value(w1, 2, K, G, CODEBOOK, ASM)
         v7 = _state_value(w1, 3, K, G, CODEBOOK, ASM)
     else:
-        w1 = _group_window(a1, b1, lane, 1, K, G)
-        w2 = _group_window(a2, b2, lane, 2, K, G)
-        w3 = _group_window(a3, b3, lane, 3, K, G)
+        w1 = _group_window(words[2], words[3], lane, 1, K, G)
+        w2 = _group_window(words[4], words[5], lane, 2, K, G)
+        w3 = _group_window(words[6], words[7], lane, 3, K, G)
         v0 = _state_value(w0, 0, K, G, CODEBOOK, ASM)
         v1 = _state_value(w0, 1, K, G, CODEBOOK, ASM)
         v2 = _state_value(w1, 0, K, G, CODEBOOK, ASM)
@@ -209,8 +212,8 @@ def decode_tiles(
     ASM: tl.constexpr,
 ):
     """W-hat rows 16*tile_row0 .. +16*TR, columns 16*tile_col0 .. +16*TC as a float16 (16*TR, 16*TC) tensor."""
-    a0, b0, a1, b1, a2, b2, a3, b3 = tile_words(words_ptr, tile_row0, tile_col0, tiles_per_row, K, G, TR, TC)
-    return decode_tile_words(a0, b0, a1, b1, a2, b2, a3, b3, K, G, CODEBOOK, TR, TC, ASM)
+    words = tile_words(words_ptr, tile_row0, tile_col0, tiles_per_row, K, G, TR, TC)
+    return decode_tile_words(words, K, G, CODEBOOK, TR, TC, ASM)
 
 
 @triton.jit
