@@ -15,13 +15,13 @@ and-or place a code in a float's mantissa, one exact fma scales it (_dequant_fie
 codes side by side, so the tile reaches the MMA's shared memory in 16-byte stores. Keys and values sit rotated by
 the 32-point Hadamard, so the kernel rotates the query once (q . k = Hq . Hk) and un-rotates the output once
 (sum p Hv = H sum p v) instead of touching every cached element twice. With quantized pages the dots run keys-major
-(K q^T, V^T p^T), the tile as the A operand of Hopper's wgmma: 55 warp instructions per key at K4/V4 against 65
+(K q^T, V^T p^T), the tile as the A operand of Hopper's wgmma: 51 warp instructions per key at K4/V4 against 60
 for q K^T, p V. bench/kernel_sass.py counts what the key loop issues for each variant (sm_90a, no GPU needed).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -75,6 +75,9 @@ class AttentionPlan:
     split_len: int  # keys per split, a multiple of block_n
     num_splits: int
     config: AttentionConfig
+    # (page ids, block tables over the copies) when layers attend over dequantized page copies: the same for every
+    # layer of the batch, so worked out by the first layer that needs it (see _dequantized_copies)
+    copy_layout: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -446,7 +449,7 @@ def _paged_attention_kernel(
             k_ptr, k_scales_ptr, slots, k_ok, kv_head, stride_k_slot, stride_ks_slot, float_magic,
             HEAD_DIM, BLOCK_N, BLOCK_D, K_BITS, WORD_LOADS, q.dtype,
         )  # fmt: skip
-        if KEYS_MAJOR:  # s^T = K q^T: the key tile is the MMA's A operand (a Hopper wgmma reads it from registers)
+        if KEYS_MAJOR:  # s^T = K q^T: the key tile is the MMA's A operand
             s = tl.trans(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)) * sm_scale_log2
         else:
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
@@ -611,14 +614,22 @@ def _dequantized_copies(
     copy_bytes = 2 * sum(pages) * page_size * k_pages.num_kv_heads * k_pages.head_dim * torch.finfo(dtype).bits // 8
     if 2 * copy_bytes > _allocatable_bytes(block_tables.device):
         return None
-    # Copy j of sequence b is its j-th page; a page two sequences share is copied for each (prefixes are rare here).
-    rows = torch.tensor([b for b, n in enumerate(pages) for _ in range(n)])
-    cols = torch.tensor([j for n in pages for j in range(n)])
-    rows, cols = rows.to(block_tables.device), cols.to(block_tables.device)
-    page_ids = block_tables[rows, cols].contiguous()
-    tables = torch.zeros(len(pages), max(pages), dtype=block_tables.dtype, device=block_tables.device)
-    tables[rows, cols] = torch.arange(len(page_ids), dtype=block_tables.dtype, device=block_tables.device)
+    if plan.copy_layout is None:
+        plan.copy_layout = _copy_layout(block_tables, pages)
+    page_ids, tables = plan.copy_layout
     return dequantize_pages(k_pages, page_ids, dtype), dequantize_pages(v_pages, page_ids, dtype), tables
+
+
+def _copy_layout(block_tables: torch.Tensor, pages: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(page ids to copy, block tables over the copies): copy j of sequence b is its j-th page; a page two sequences
+    share is copied for each (shared prefixes are rare in long prefills)."""
+    device = block_tables.device
+    rows = torch.tensor([b for b, n in enumerate(pages) for _ in range(n)]).to(device)
+    cols = torch.tensor([j for n in pages for j in range(n)]).to(device)
+    page_ids = block_tables[rows, cols].contiguous()
+    tables = torch.zeros(len(pages), max(pages), dtype=block_tables.dtype, device=device)
+    tables[rows, cols] = torch.arange(len(page_ids), dtype=block_tables.dtype, device=device)
+    return page_ids, tables
 
 
 def _pages_args(pages: torch.Tensor | QuantPages) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -683,9 +694,9 @@ def paged_attention(
     rotated_k, rotated_v = k_bits > 0, v_bits > 0  # quantized pages hold rotated values
     dense = _dequantized_copies(k_pages, v_pages, block_tables, query_lens, context_lens, plan, q.dtype, cfg)
     if dense is not None:  # attend over rotated bf16/fp16 copies: the kernel's unquantized path, rotation kept
-        k_data, v_data, block_tables = dense
-        k_scales, v_scales, ks_stride, vs_stride, k_bits, v_bits = k_data, v_data, 0, 0, 0, 0
-        k_stride = v_stride = k_data[0, 0].numel()
+        keys, values, block_tables = dense
+        k_data, k_scales, k_stride, ks_stride, k_bits = _pages_args(keys)
+        v_data, v_scales, v_stride, vs_stride, v_bits = _pages_args(values)
     rotated = rotated_k or rotated_v
     h = block_hadamard(head_dim, block_d, q.device, q.dtype) if rotated else q  # q: an unused placeholder
     out = torch.empty_like(q)

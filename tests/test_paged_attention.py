@@ -281,6 +281,7 @@ def test_triton_prefill_over_dequantized_copies_matches_the_reference(kv_bits, p
     copies = triton_attention._dequantized_copies(*args, plan, torch.float32, config)
     assert copies is not None  # the path under test is taken
     keys, values, tables = copies
+    assert triton_attention._dequantized_copies(*args, plan, torch.float32, config)[2] is tables  # the next layer's
     for side, bits, copy in ((batch.cache.k[0], kv_bits[0], keys), (batch.cache.v[0], kv_bits[1], values)):
         for seq, table in enumerate(batch.tables):  # each copy holds the rotated values of the page it stands for
             for col, page in enumerate(table):
