@@ -37,7 +37,7 @@ from triton.compiler import ASTSource
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from inference_worker.kv_cache import parse_kv_bits  # noqa: E402
+from bench.kv_cache import int_list, parse_formats  # noqa: E402
 from kernels import exl3_matmul  # noqa: E402
 from kernels import paged_attention as attention  # noqa: E402
 from kernels.exl3_reconstruct import CODEBOOK_IDS, group_size  # noqa: E402
@@ -46,6 +46,7 @@ HOPPER = GPUTarget("cuda", 90, 32)
 PTXAS_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", re.M)
 BACK_BRANCH = re.compile(r"BRA\s.*?(0x[0-9a-f]+)")
+GEMV_STEPS = 4  # 128-row steps per program in the compiled EXL3 weight kernel
 
 
 @dataclass(frozen=True)
@@ -158,23 +159,14 @@ def measure(variant: Variant) -> dict:
     }
 
 
-def format_bits(fmt: str) -> tuple[int, int]:
-    """'fp16' -> (0, 0); 'K4/V8' -> (4, 8); an unquantized side is 0, as the kernel's K_BITS / V_BITS."""
-    if fmt == "fp16":
-        return 0, 0
-    k, _, v = fmt.partition("/")
-    return tuple(b or 0 for b in parse_kv_bits(f"{k.removeprefix('K')},{v.removeprefix('V')}"))
-
-
 def compile_exl3_gemv(
     bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool
 ) -> triton.compiler.CompiledKernel:
     """The fused EXL3 weight kernel (one 128-column block, two 64-row halves per step) for sm_90a, inline PTX on."""
     kernel = exl3_matmul._gemv_kernel
-    steps = 4
     constants = {
         "K": bits, "G": group_size(bits), "CODEBOOK": CODEBOOK_IDS[codebook], "BLOCK_M": 16 if rows <= 16 else 32,
-        "STEPS": steps, "ASM": True, "PREFETCH": prefetch,
+        "STEPS": GEMV_STEPS, "ASM": True, "PREFETCH": prefetch,
     }  # fmt: skip
     pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
     signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
@@ -190,7 +182,7 @@ def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefe
     report, sass = assemble(compiled.asm["ptx"])
     loop = inner_loop(sass)
     per_step = loop if loop else [m.group(2) for m in INSTRUCTION.finditer(sass)]
-    scale = 1 if loop else 4  # the STEPS compile_exl3_gemv uses
+    scale = 1 if loop else GEMV_STEPS
     registers = re.search(r"Used (\d+) registers", report)
     return {
         "registers": int(registers.group(1)) if registers else None,
@@ -199,10 +191,6 @@ def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefe
         "instructions_per_weight": len(per_step) / scale * num_warps * 32 / (128 * 128),
         "loop_mix": dict(collections.Counter(per_step).most_common(12)),
     }
-
-
-def int_list(text: str) -> list[int]:
-    return [int(x) for x in text.split(",")]
 
 
 def main() -> int:
@@ -247,8 +235,8 @@ def exl3_gemv_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
 
 
 def attention_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
-    for fmt in args.formats.split(","):
-        k_bits, v_bits = format_bits(fmt)
+    for fmt, bits in parse_formats(args.formats).items():
+        k_bits, v_bits = (b or 0 for b in bits)  # the kernel's K_BITS / V_BITS: 0 for an unquantized side
         modes = args.word_loads if k_bits or v_bits else [1]
         for n, w, s, wl, km in product(args.block_n, args.warps, args.stages, modes, args.keys_major):
             variant = Variant(k_bits, v_bits, n, w, s, bool(wl), bool(km), args.decode_group)
