@@ -8,8 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from bench.kv_cache import HEAD_DIM, HEADS, KV_HEADS, PAGE_SIZE, filled_cache, shuffled_tables
 from inference_worker.attention import paged_attention as reference_attention
-from inference_worker.kv_cache import KVBits, PagedKVCache
+from inference_worker.kv_cache import KVBits
 from kernels import kv_quant, kv_quant_ref
 from kernels.paged_attention import AttentionConfig, dequantize_pages, paged_attention
 from tests.kv_tile import check_tile_loader
@@ -19,7 +20,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-HEADS, KV_HEADS, HEAD_DIM, PAGE_SIZE = 32, 8, 128, 16
 # (cached, new) per sequence: ragged decodes over long contexts; a chunk continuing a prefix beside decodes
 CASES = {
     "decode": [(4095, 1), (1000, 1), (3000, 1), (17, 1)],
@@ -73,30 +73,14 @@ def test_dequantized_page_copies_hold_the_reference_values(bits: int) -> None:
     assert torch.equal(copies, want.to(torch.bfloat16))
 
 
-def filled_cache(kv_bits: KVBits, context_lens: list[int], gen: torch.Generator) -> tuple[PagedKVCache, torch.Tensor]:
-    """One layer of cache written through the real append path, and block tables over a shuffled page pool."""
-    need = [-(-c // PAGE_SIZE) for c in context_lens]
-    cache = PagedKVCache(1, sum(need), PAGE_SIZE, KV_HEADS, HEAD_DIM, torch.bfloat16, "cuda", kv_bits)
-    k = torch.randn(cache.num_slots, KV_HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(cache.num_slots, KV_HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=torch.bfloat16)
-    k[:, :, 3] *= 8.0  # an outlier channel, as real keys have
-    cache.write(0, k, v, torch.arange(cache.num_slots, device="cuda"))
-    pool = torch.randperm(cache.num_pages, generator=gen, device="cuda")
-    tables = torch.zeros(len(need), max(need), dtype=torch.int64, device="cuda")
-    start = 0
-    for row, n in enumerate(need):
-        tables[row, :n] = pool[start : start + n]
-        start += n
-    return cache, tables
-
-
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize(("fmt", "kv_bits", "config"), VARIANTS, ids=[f"{f}-{c}" for f, _, c in VARIANTS])
 def test_attention_matches_the_float32_reference(case: str, fmt: str, kv_bits: KVBits, config: AttentionConfig):
     gen = torch.Generator(device="cuda").manual_seed(len(fmt) + len(case))
     shapes = CASES[case]
     context_lens, query_lens = [c + n for c, n in shapes], [n for _, n in shapes]
-    cache, tables = filled_cache(kv_bits, context_lens, gen)
+    cache = filled_cache(kv_bits, context_lens, gen, PAGE_SIZE)  # written through the real append path
+    tables = shuffled_tables(cache, context_lens, gen)
     q = torch.randn(sum(query_lens), HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=torch.bfloat16)
     torch.full((q.numel() * 4,), float("nan"), device="cuda")  # memory the output may reuse: unwritten shows
     k, v = cache.k[0], cache.v[0]
