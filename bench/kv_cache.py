@@ -1,7 +1,7 @@
 """Check and time the paged, quantized KV cache on one CUDA GPU (Llama-3-8B attention shapes, bf16).
 
     python bench/kv_cache.py [--quick] [--sweep] [--no-e2e] [--only SECTION,...] [--model DIR] [--out DIR]
-                             [--formats F,...] [--block-n N,...] [--warps W,...] [--stages S,...]
+                             [--formats F,...] [--block-n N,...] [--block-m M,...] [--warps W,...] [--stages S,...]
                              [--targets T,...] [--word-loads 1,0] [--keys-major 1,0]
 
 1. Ceiling: device-to-device copy bandwidth (bytes read + written), measured in this run.
@@ -17,6 +17,8 @@
 6. Chunked prefill: a 2048-token chunk over 30K cached tokens, fp16 vs K4/V4 (over the quantized pages, and through
    rotated copies of them dequantized once: AttentionConfig.dequantize_reuse), in TFLOP/s.
 7. Long context: one 128K-token sequence, decode and its last 2048-token chunk, fp16 vs K4/V4.
+   With --sweep, the 2K-over-30K chunk is also timed for every --block-m x --block-n x --warps x --stages: fp16,
+   K4/V4 over the quantized pages, K4/V4 through copies (section prefill_sweep).
 8. End to end (skip with --no-e2e or --quick): a synthetic 4-bit EXL3 model of Llama-3.1-8B's shape (llama3 rope
    scaling to 128K) prefills a 128K-token prompt in 8K chunks into a K4/V4 cache and decodes 16 tokens greedily.
 9. With --model DIR (e.g. the default model's directory): KL divergence of next-token distributions from the
@@ -310,6 +312,36 @@ def prefill(res: dict, gen: torch.Generator, cached: int, chunk: int, name: str)
         torch.cuda.empty_cache()
 
 
+def prefill_sweep(
+    res: dict, gen: torch.Generator, grid: SweepGrid, block_m: list[int], cached: int = 30720, chunk: int = 2048
+) -> None:
+    """The 2K-over-30K chunk for every block_m x block_n x warps x stages: fp16, K4/V4 over the quantized pages and
+    K4/V4 through dequantized copies (their dequantizing included), the best of each reported."""
+    out = res.setdefault("prefill_sweep", {})
+    ctx = cached + chunk
+    flops = 4 * HEADS * HEAD_DIM * (chunk * cached + chunk * (chunk + 1) // 2)
+    shapes = list(product(block_m, grid.block_n, grid.warps, grid.stages))
+    for fmt, bits, reuse in (("fp16", (None, None), None), ("K4/V4", (4, 4), None), ("K4/V4 copies", (4, 4), 1)):
+        cache = filled_cache(bits, [ctx], gen)
+        tables = shuffled_tables(cache, [ctx], gen)
+        q = torch.randn(chunk, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+        for bm, bn, w, st in shapes:
+            cfg = AttentionConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st, dequantize_reuse=reuse)
+            key = f"{fmt} {bm}/{bn}/{w}w/{st}s"
+            try:
+                ms = time_attention(q, cache, tables, [chunk], [ctx], config=cfg)
+            except Exception as exc:  # a config that does not compile (shared memory) is just skipped
+                print(f"  {key}: {type(exc).__name__}: {str(exc).strip()[:300]}", flush=True)
+                continue
+            out[key] = {"ms": ms, "TFLOPs": flops / ms / 1e9}
+            best = out.setdefault("best", {})
+            if fmt not in best or ms < best[fmt]["ms"]:
+                best[fmt] = {"config": key, "ms": ms, "TFLOPs": flops / ms / 1e9}
+            print(f"prefill sweep {key}: {ms:.2f} ms ({flops / ms / 1e9:.0f} TFLOP/s)", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+
+
 def end_to_end_128k(res: dict, prompt_tokens: int = 131072 - 16, max_new: int = 16, preset: str = "llama3-8b") -> None:
     """Prefill + greedy decode of one 128K sequence through the real model code, scheduler and K4/V4 cache."""
     from inference_worker.batch import build_batch
@@ -463,6 +495,7 @@ def main() -> int:
     knobs = parser.add_argument_group("decode formats and the --sweep grid (comma-separated lists)")
     knobs.add_argument("--formats", type=parse_formats, default=FORMATS, help="decode formats: fp16 or K<b>/V<b>")
     knobs.add_argument("--block-n", type=int_list, default=[32, 64, 128], help="keys per tile")
+    knobs.add_argument("--block-m", type=int_list, default=[64, 128], help="prefill sweep: query rows per program")
     knobs.add_argument("--warps", type=int_list, default=[4, 8])
     knobs.add_argument("--stages", type=int_list, default=[2, 3])
     knobs.add_argument("--targets", default="none,1024", help="split targets in programs; none: 4 per SM")
@@ -501,6 +534,8 @@ def main() -> int:
         ("prefill_32k", lambda: prefill(res, gen, 30720, 2048, "prefill_32k")),
         ("long_128k", lambda: prefill(res, gen, 131072 - 2048, 2048, "long_128k")),
     ]
+    if args.sweep:
+        sections.append(("prefill_sweep", lambda: prefill_sweep(res, gen, grid, args.block_m)))
     if not (args.quick or args.no_e2e):
         sections.append(("e2e_128k", lambda: end_to_end_128k(res)))
     if args.model is not None:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels.hadamard import check_device
-from kernels.kv_quant_ref import GROUP, QuantPages, hadamard_signs
+from kernels.kv_quant_ref import QuantPages, hadamard_signs
 
 LOG2E = 1.4426950408889634
 # The bits of 2^23 as a float32. The dequantizer ORs a code into them; handed to the kernel as an argument, the
@@ -144,19 +144,17 @@ def plan_attention(
     )
 
 
-_BLOCK_HADAMARD: dict[tuple[int, int, str, torch.dtype], torch.Tensor] = {}
+@triton.jit
+def _rotate_groups(x, h_ptr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """x [ROWS, BLOCK_D] with each 32-wide group of dims times H32 / sqrt(32), in float32 (x's dtype feeds the dot).
 
-
-def block_hadamard(head_dim: int, block_d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """[block_d, block_d]: the +-1 Hadamard-32 on each group of the first head_dim dims, zero elsewhere."""
-    key = (head_dim, block_d, str(device), dtype)
-    if key not in _BLOCK_HADAMARD:
-        h = torch.zeros(block_d, block_d, dtype=dtype, device=device)
-        signs = hadamard_signs(device, dtype)
-        for g in range(head_dim // GROUP):
-            h[g * GROUP : (g + 1) * GROUP, g * GROUP : (g + 1) * GROUP] = signs
-        _BLOCK_HADAMARD[key] = h
-    return _BLOCK_HADAMARD[key]
+    One 32 x 32 dot over the groups laid out as rows: a block-diagonal [BLOCK_D, BLOCK_D] matrix did the same with
+    16x the operand, whose registers spilled the prefill kernel (9-21 KB at 64-128 rows, counted for sm_90a).
+    """
+    r = tl.arange(0, 32)
+    h = tl.load(h_ptr + r[:, None] * 32 + r[None, :]).to(x.dtype)
+    y = tl.dot(tl.reshape(x, (ROWS * (BLOCK_D // 32), 32)), h, input_precision=PRECISION)
+    return tl.reshape(y, (ROWS, BLOCK_D)) * 0.17677669529663687
 
 
 @triton.jit
@@ -344,14 +342,13 @@ def _store_rows(
     dim_ok,
     stride_ot,
     stride_oh,
+    BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     UNROTATE: tl.constexpr,
 ):
     out = acc / l_sum[:, None]
     if UNROTATE:  # values were summed in the rotated domain: apply H (its own inverse) once per output row
-        hd = tl.arange(0, BLOCK_D)
-        h = tl.load(h_ptr + hd[:, None] * BLOCK_D + hd[None, :]).to(tl.float32)
-        out = tl.dot(out, h, input_precision="ieee") * 0.17677669529663687
+        out = _rotate_groups(out, h_ptr, BLOCK_M, BLOCK_D, "ieee")
     ptrs = out_ptr + (q_start + tok)[:, None].to(tl.int64) * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
 
@@ -428,9 +425,7 @@ def _paged_attention_kernel(
         other=0.0,
     )
     if ROTATED_K:  # keys are stored rotated: rotate the query once instead of un-rotating every key
-        hd = tl.arange(0, BLOCK_D)
-        h = tl.load(h_ptr + hd[:, None] * BLOCK_D + hd[None, :]).to(q.dtype)
-        q = (tl.dot(q, h, input_precision=DOT_PRECISION) * 0.17677669529663687).to(q.dtype)
+        q = _rotate_groups(q, h_ptr, BLOCK_M, BLOCK_D, DOT_PRECISION).to(q.dtype)
 
     lo = split * split_len
     hi = tl.minimum(lo + split_len, kv_end)
@@ -480,8 +475,9 @@ def _paged_attention_kernel(
         tl.store(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :], acc)
     else:
         _store_rows(
-            out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh, BLOCK_D, ROTATED_V
-        )
+            out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dim_ok, stride_ot, stride_oh, BLOCK_M, BLOCK_D,
+            ROTATED_V,
+        )  # fmt: skip
 
 
 @triton.jit
@@ -532,8 +528,8 @@ def _merge_splits_kernel(
         acc = acc * alpha[:, None] + tl.load(part_acc_ptr + part[:, None] * BLOCK_D + dims[None, :]) * beta[:, None]
         m_i = m_new
     _store_rows(
-        out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dims < HEAD_DIM, stride_ot, stride_oh, BLOCK_D,
-        UNROTATE,
+        out_ptr, acc, l_i, h_ptr, q_start, tok, head, row_ok, dims, dims < HEAD_DIM, stride_ot, stride_oh, BLOCK_M,
+        BLOCK_D, UNROTATE,
     )  # fmt: skip
 
 
@@ -698,7 +694,7 @@ def paged_attention(
         k_data, k_scales, k_stride, ks_stride, k_bits = _pages_args(keys)
         v_data, v_scales, v_stride, vs_stride, v_bits = _pages_args(values)
     rotated = rotated_k or rotated_v
-    h = block_hadamard(head_dim, block_d, q.device, q.dtype) if rotated else q  # q: an unused placeholder
+    h = hadamard_signs(q.device, q.dtype) if rotated else q  # q: an unused placeholder
     out = torch.empty_like(q)
     num_blocks = plan.block_seq.shape[0]
     split = plan.num_splits > 1
