@@ -160,32 +160,40 @@ def measure(variant: Variant) -> dict:
 
 
 def compile_exl3_gemv(
-    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool
+    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool, hadamard: str = "launch"
 ) -> triton.compiler.CompiledKernel:
     """The fused EXL3 weight kernel (one 128-column block, two 64-row halves per step) for sm_90a, inline PTX on."""
     kernel = exl3_matmul._gemv_kernel
     constants = {
         "K": bits, "G": group_size(bits), "CODEBOOK": CODEBOOK_IDS[codebook], "BLOCK_M": 16 if rows <= 16 else 32,
-        "STEPS": GEMV_STEPS, "ASM": True, "PREFETCH": prefetch,
+        "STEPS": GEMV_STEPS, "ASM": True, "PREFETCH": prefetch, "HADAMARD": exl3_matmul.HADAMARD_MODES[hadamard],
     }  # fmt: skip
-    pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
+    pointer_types = {
+        "x_ptr": "*bf16" if hadamard != "launch" else "*fp16", "suh_ptr": "*fp16", "h64_ptr": "*fp16",
+        "scratch_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32",
+    }  # fmt: skip
     signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
-    aligned = [n for n, t in signature.items() if t.startswith("*") or n in ("n_cols", "stride_xh")]
+    aligned = [n for n, t in signature.items() if t.startswith("*") or n in ("n_cols", "stride_x", "k_in")]
     source = hopper_source(kernel, signature, constants, aligned)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
 
 
-def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool) -> dict:
+def measure_exl3_gemv(
+    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool, hadamard: str = "launch"
+) -> dict:
     """Per 128 x 128 step of the weight kernel: the loop body when the compiler kept the loop, else the whole
     kernel over its steps (an unrolled loop has no backward branch)."""
-    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps, prefetch)
+    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps, prefetch, hadamard)
     report, sass = assemble(compiled.asm["ptx"])
     loop = inner_loop(sass)
     per_step = loop if loop else [m.group(2) for m in INSTRUCTION.finditer(sass)]
     scale = 1 if loop else GEMV_STEPS
     registers = re.search(r"Used (\d+) registers", report)
+    spills = re.search(r"(\d+) bytes spill stores", report)
     return {
         "registers": int(registers.group(1)) if registers else None,
+        "spill_store_bytes": int(spills.group(1)) if spills else None,
+        "shared_bytes": compiled.metadata.shared,
         "loop_instructions": len(per_step) / scale,
         # thread instructions per weight, the unit of the issue's ceiling (~3 integer operations per weight)
         "instructions_per_weight": len(per_step) / scale * num_warps * 32 / (128 * 128),
@@ -209,6 +217,7 @@ def main() -> int:
     parser.add_argument("--codebook", default="mul1", choices=sorted(CODEBOOK_IDS))
     parser.add_argument("--rows", type=int, default=16, help="--exl3-gemv: batch rows (16 or 32 per program)")
     parser.add_argument("--prefetch", type=int_list, default=[0, 1], help="--exl3-gemv: GemvConfig.prefetch")
+    parser.add_argument("--hadamard", default="launch", help="--exl3-gemv: GemvConfig.hadamard values, comma-separated")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
@@ -221,15 +230,17 @@ def main() -> int:
 
 
 def exl3_gemv_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
-    for bits, warps, prefetch in product(args.bits, args.warps, args.prefetch):
-        counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch))
-        row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch), **counts}
+    for bits, warps, prefetch, hadamard in product(args.bits, args.warps, args.prefetch, args.hadamard.split(",")):
+        counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch), hadamard)
+        config = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch)}
+        row = {**config, "hadamard": hadamard, **counts}
         yield (
             row,
             (
-                f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch}: "
+                f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch} hadamard {hadamard}: "
                 f"{row['instructions_per_weight']:.2f} instructions per weight, {row['loop_instructions']:.0f} per "
-                f"128 x 128 step, {row['registers']} registers; {row['loop_mix']}"
+                f"128 x 128 step, {row['registers']} registers, {row['spill_store_bytes']} B spilled, "
+                f"{row['shared_bytes']} B shared; {row['loop_mix']}"
             ),
         )
 
