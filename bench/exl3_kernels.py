@@ -5,10 +5,11 @@
 1. Ceilings: device-to-device copy bandwidth (bytes read + written) and a large bf16 matmul.
 2. Correctness at real sizes (fresh random trellises): W-hat bit-exact for every K and codebook, the fused matmul
    and the reconstruction against ``kernels.exl3_ref`` in fp32; outputs come from memory poisoned with NaN first.
-3. With --sweep: launch configs (GemvConfig: warps, waves, prefetch, and where the input Hadamard runs, from
-   --hadamard) timed at K=4, batch 1, each first checked against the reference; the best one is used from then on.
-4. Per-launch breakdown at K=4, batch 1: the fused path's launches (three, or two with the input Hadamard inside the
-   weight kernel) each timed alone, next to the whole call and an empty kernel (what one launch costs in a graph).
+3. With --sweep: launch configs (GemvConfig: warps, waves, prefetch, finish warps) timed at K=4, batch 1, each
+   first checked against the reference (a config that computes wrong sums is reported, not timed); the best one is
+   used from then on.
+4. Per-launch breakdown at K=4, batch 1: the fused path's three launches each timed alone, next to
+   the whole call and an empty kernel (what one launch costs inside a graph).
 5. Decode timings on Llama-3-8B shapes: every K at batch 1, K=2/4 at batch 16, bf16 torch.matmul baseline. Each
    timing replays a CUDA graph of calls rotating over enough weight copies to overflow L2, median of do_bench.
 6. Prefill (2048 rows): reconstruct + matmul against bf16 matmul.
@@ -147,16 +148,14 @@ def time_bf16(k: int, n: int, m: int) -> float:
     return graph_us([lambda w=w: torch.matmul(x, w) for w in ws])
 
 
-def sweep_configs(base: GemvConfig, hadamards: list[str]) -> list[GemvConfig]:
-    # prefetch and one wave were timed on an H100 (2026-12-07): never faster at the default waves, so not swept
-    grid = [replace(base, waves=wv, num_warps=w, hadamard=h) for h in hadamards for w in (8, 4) for wv in (2, 4)]
+def sweep_configs(base: GemvConfig) -> list[GemvConfig]:
+    grid = [replace(base, waves=wv, num_warps=w, prefetch=p) for w in (8, 4) for wv in (1, 2, 4) for p in (False, True)]
     return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)]
 
 
 def cfg_key(c: GemvConfig) -> str:
     prefetch = "/prefetch" if c.prefetch else ""
-    hadamard = "" if c.hadamard == "launch" else f"/hadamard-{c.hadamard}"
-    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}{prefetch}{hadamard}"
+    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}{prefetch}"
 
 
 def config_error(cfg: GemvConfig, gen: torch.Generator) -> float:
@@ -205,11 +204,11 @@ def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) ->
         print(json.dumps(row), flush=True)
 
 
-def sweep(res: dict, gen: torch.Generator, hadamards: list[str]) -> GemvConfig:
+def sweep(res: dict, gen: torch.Generator) -> GemvConfig:
     """Time every config of the grid at K=4, batch 1 (each first checked against the reference); the best one."""
     rows = res.setdefault("sweep", [])
     totals: dict[str, float] = {}
-    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG, hadamards)
+    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG)
     for cfg in configs:
         try:
             err = config_error(cfg, gen)
@@ -324,7 +323,6 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="time launch configs at K=4 first and use the best")
-    ap.add_argument("--hadamard", default="launch,scratch", help="--sweep: GemvConfig.hadamard values to try")
     ap.add_argument("--quick", action="store_true", help="K in (2, 4) only")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
@@ -343,7 +341,7 @@ def main() -> None:
     if not args.skip_check:
         steps.append(("correctness", lambda: check_correctness(res, gen)))
     if args.sweep:
-        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen, args.hadamard.split(",")))))
+        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen))))
     steps.append(("breakdown", lambda: launch_breakdown(res, gen, state["cfg"])))
     ks = [2, 4] if args.quick else list(range(1, 9))
     steps.append(("decode", lambda: decode_timings(res, gen, state["cfg"], ks)))

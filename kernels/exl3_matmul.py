@@ -15,9 +15,11 @@ Small batches (decode, <= 32 rows) never build W. Three launches:
    +-1 products summed in fp32, since sums may exceed fp16), ``svh`` and bias, and casts. On an H200 this parallel
    sum took the 4096 x 4096 layer from 21.5 to 14.7 us against the serial loop it replaced.
 
-Fewer launches did not survive the GPU (Triton 3.6, H200): a last-arriver split-K epilogue faulted at Llama sizes,
-and the input Hadamard computed inside the weight kernel as a tf32 ``tl.dot`` whose result feeds the weight
-``tl.dot`` passed the interpreter but read out of bounds at 8 warps and gave wrong sums at 4. See BENCHMARKS.md.
+Fewer launches did not survive the GPU (Triton 3.6, H200 and H100): a last-arriver split-K epilogue faulted at Llama
+sizes, and the input Hadamard computed inside the weight kernel passed the interpreter but not the GPU, twice: as
+a tf32 ``tl.dot`` feeding the weight ``tl.dot`` (out-of-bounds reads at 8 warps, wrong sums at 4), and as two
+64 x 64 fp16 dots per step (Sylvester split) whose results reached the weight dot in registers or through a
+per-program scratch line (non-finite outputs at 8 warps, illegal addresses at 4). See BENCHMARKS.md.
 
 Large batches (prefill) rebuild the dense weight once (``reconstruct_weight``) and use the library matmul.
 """
@@ -66,69 +68,21 @@ class GemvConfig:
     finish_warps: int = 4
     finish_chunk: int = 32
     # Load the next step's trellis words while this step decodes (a register double buffer; the kernel's one stage
-    # leaves its loads synchronous otherwise). Timed on an H100: no faster at the default waves (off).
+    # leaves its loads synchronous otherwise). Timed on an H100: faster only at one wave, slower at the default four.
     prefetch: bool = False
-    # Where the input Hadamard runs: "launch" (its own kernel, before the weight kernel), "registers" (inside the
-    # weight kernel: two 64 x 64 fp16 dots per step whose results feed the weight dot) or "scratch" (the same dots,
-    # their results passed to the weight dot through a per-program scratch line, not register to register).
-    # The in-kernel forms save a launch; see _gemv_kernel.
-    hadamard: str = "launch"
 
 
 DEFAULT_CONFIG = GemvConfig()
 
 
-HADAMARD_MODES = {"launch": 0, "registers": 1, "scratch": 2}
-
-
-@triton.jit
-def _input_step(
-    x_ptr, suh_ptr, h64, scratch_ptr, step, rows, row_ok, r64, k_in, stride_x, BLOCK_M: tl.constexpr,
-    HADAMARD: tl.constexpr,
-):  # fmt: skip
-    """One 128-row step of xh^T = ((x * suh) H)^T as two [64, BLOCK_M] fp16 halves, the weight dot's B operands.
-
-    HADAMARD 0: x_ptr is xh, already transformed. Otherwise, with a and b the step's halves of x * suh,
-    H128 = [[H64, H64], [H64, -H64]] gives xh_a^T = H64 (a + b)^T / sqrt(128) and xh_b^T = H64 (a - b)^T / sqrt(128):
-    +-1 entries exact in fp16, the sums rounded to fp16 (10 mantissa bits, as the tf32 launch rounds its inputs),
-    fp32 accumulation. HADAMARD 2 stores both results to this program's scratch line and loads them back (two
-    barriers: every thread's line is written before anyone reads, and read before the next step overwrites it).
-    """
-    feat = step * 128 + r64
-    ptrs = x_ptr + rows[None, :] * stride_x + feat[:, None]
-    if HADAMARD == 0:
-        xh_a = tl.load(ptrs, mask=row_ok[None, :], other=0.0)
-        xh_b = tl.load(ptrs + 64, mask=row_ok[None, :], other=0.0)
-    else:
-        a = tl.load(ptrs, mask=row_ok[None, :] & (feat < k_in)[:, None], other=0.0).to(tl.float32)
-        b = tl.load(ptrs + 64, mask=row_ok[None, :] & (feat + 64 < k_in)[:, None], other=0.0).to(tl.float32)
-        a *= tl.load(suh_ptr + feat).to(tl.float32)[:, None] * 0.08838834764831845  # 1/sqrt(128)
-        b *= tl.load(suh_ptr + feat + 64).to(tl.float32)[:, None] * 0.08838834764831845
-        xh_a = tl.dot(h64, (a + b).to(tl.float16)).to(tl.float16)
-        xh_b = tl.dot(h64, (a - b).to(tl.float16)).to(tl.float16)
-        if HADAMARD == 2:
-            line = scratch_ptr + r64[:, None] * BLOCK_M + rows[None, :]
-            tl.store(line, xh_a)
-            tl.store(line + 64 * BLOCK_M, xh_b)
-            tl.debug_barrier()
-            xh_a = tl.load(line)
-            xh_b = tl.load(line + 64 * BLOCK_M)
-            tl.debug_barrier()
-    return xh_a, xh_b
-
-
 @triton.jit
 def _gemv_kernel(
-    x_ptr,  # xh (HADAMARD 0) or the layer's input x
-    suh_ptr,
-    h64_ptr,  # fp16 +-1 H64 (HADAMARD 1, 2)
-    scratch_ptr,  # fp16 [programs, 2, 64, BLOCK_M] (HADAMARD 2)
+    xh_ptr,
     words_ptr,
     part_ptr,
     M,
     n_cols,
-    k_in,  # x's features: the rest of the padded input axis is zero
-    stride_x,
+    stride_xh,
     K: tl.constexpr,
     G: tl.constexpr,
     CODEBOOK: tl.constexpr,
@@ -136,7 +90,6 @@ def _gemv_kernel(
     STEPS: tl.constexpr,  # 128-row steps per slice (constexpr: the interpreter cannot loop over a runtime count)
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next step's trellis words before decoding this step's (see GemvConfig)
-    HADAMARD: tl.constexpr,  # 0: x_ptr holds xh; 1, 2: the input Hadamard runs here (see _input_step)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -145,18 +98,14 @@ def _gemv_kernel(
     row_ok = rows < M
     tiles_per_row = n_cols // 16
     acc = tl.zeros((128, BLOCK_M), dtype=tl.float32)  # (W^T xh^T) for this program's 128 columns
-    h64 = h64_ptr  # unused unless the Hadamard runs here
-    if HADAMARD != 0:
-        h64 = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :])
-    scratch = scratch_ptr + (pid_s * tl.num_programs(0) + pid_n) * (128 * BLOCK_M)
     if PREFETCH:  # this step's two halves' words, loaded one step ahead
         next_a = tile_words(words_ptr, pid_s * STEPS * 8, pid_n * 8, tiles_per_row, K, G, 4, 8)
         next_b = tile_words(words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8)
     for i in range(STEPS):
         step = pid_s * STEPS + i
-        xh_a, xh_b = _input_step(
-            x_ptr, suh_ptr, h64, scratch, step, rows, row_ok, r64, k_in, stride_x, BLOCK_M, HADAMARD
-        )
+        xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
+        xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
+        xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
         if PREFETCH:
             words_a, words_b = next_a, next_b
             ahead = tl.minimum(step + 1, pid_s * STEPS + STEPS - 1)  # the last step re-reads its own words
@@ -298,39 +247,26 @@ def gemv_launches(
     )
     splits = k_steps // steps  # independent of m: a row's sums never depend on its batch
     chunk = min(cfg.finish_chunk, triton.next_power_of_2(splits))
-    if cfg.hadamard not in HADAMARD_MODES:
-        raise ValueError(f"hadamard must be one of {sorted(HADAMARD_MODES)}, got {cfg.hadamard!r}")
-    mode = HADAMARD_MODES[cfg.hadamard]
-    block_m = 16 if m <= 16 else 32
     h64 = hadamard_signs(HAD_BLOCK // 2, x.device)  # fp32 +-1, for the finish kernel's output Hadamard
+    xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    launches: list[Callable[[], None]] = []
-    if mode == 0:
-        xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
-        launches.append(functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh))
-        inputs = (xh, suh, h64, xh)  # the last three unused
-    else:
-        scratch = torch.empty((splits * col_blocks * 128 * block_m if mode == 2 else 1), dtype=torch.float16,
-                              device=x.device)  # fmt: skip
-        inputs = (x2, suh, hadamard_signs(HAD_BLOCK // 2, x.device, torch.float16), scratch)
+    hadamard = functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh)
     weight = functools.partial(
         _gemv_kernel[(col_blocks, splits)],
-        *inputs,
+        xh,
         trellis_words(trellis),
         partial,
         m,
         n,
-        x2.shape[1] if mode else k,
-        inputs[0].stride(0),
+        xh.stride(0),
         K=K,
         G=group_size(K),
         CODEBOOK=CODEBOOK_IDS[codebook],
-        BLOCK_M=block_m,
+        BLOCK_M=16 if m <= 16 else 32,
         STEPS=steps,
         ASM=use_asm(),
         PREFETCH=cfg.prefetch,
-        HADAMARD=mode,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -351,7 +287,7 @@ def gemv_launches(
         N_CHUNKS=triton.cdiv(splits, chunk),
         num_warps=cfg.finish_warps,
     )
-    return [*launches, weight, finish], y
+    return [hadamard, weight, finish], y
 
 
 def exl3_gemv(

@@ -94,28 +94,6 @@ def test_prefetching_the_next_steps_words_changes_no_bit(K: int, codebook: str) 
     assert relative_error(ahead, ref.exl3_matmul_ref(x.float(), trellis, suh, svh, codebook)) < 2e-3
 
 
-@pytest.mark.parametrize("hadamard", ["registers", "scratch"])
-@pytest.mark.parametrize(("rows", "width", "dtype"), [(1, IN_FEATURES, torch.bfloat16), (19, IN_PAD, torch.float16)])
-def test_the_input_hadamard_inside_the_weight_kernel_matches_its_own_launch(
-    hadamard: str, rows: int, width: int, dtype: torch.dtype
-) -> None:
-    # 640 inputs in 5 slices of one step, the last half-padded when x is 576 wide; 19 rows use the 32-row tile
-    trellis, suh, svh = random_layer(IN_PAD, OUT_PAD, 3, seed=31)
-    gen = torch.Generator().manual_seed(32)
-    x = (torch.randn(rows, width, generator=gen) * 4).to(dtype)
-    bias = torch.randn(OUT_FEATURES, generator=gen).to(dtype)
-    launch = exl3_gemv(x, trellis, suh, svh, "mcg", bias, config=GemvConfig(splits=5))
-    inside = exl3_gemv(x, trellis, suh, svh, "mcg", bias, config=GemvConfig(splits=5, hadamard=hadamard))
-    want = ref.exl3_matmul_ref(x.float(), trellis, suh, svh, "mcg", bias)
-    assert inside.shape == launch.shape and inside.dtype == dtype
-    # fp16 sums before the dot instead of tf32 inputs: about as close to the reference as the launch (the bf16
-    # case is dominated by rounding the output to bf16)
-    assert relative_error(inside, want) < 1.6 * relative_error(launch, want)
-    assert relative_error(inside, want) < 5e-3
-    with pytest.raises(ValueError, match="hadamard must be one of"):
-        exl3_gemv(x, trellis, suh, svh, "mcg", config=GemvConfig(hadamard="fused"))
-
-
 @pytest.mark.parametrize(
     ("width", "dtype", "config"),
     [(IN_PAD, torch.float16, None), (IN_FEATURES, torch.bfloat16, GemvConfig(splits=5, finish_chunk=2))],
