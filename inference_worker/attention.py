@@ -142,7 +142,7 @@ def attend_paged(
     plan = getattr(batch, "_attention_plan", None)
     if plan is None:
         plan = triton_attention.plan_attention(
-            batch.query_lens, batch.context_lens, q.shape[1], cache.num_kv_heads, q.device
+            batch.query_lens, batch.context_lens, q.shape[1], cache.num_kv_heads, q.device, kv_bits=cache.kv_bits
         )
         batch._attention_plan = plan  # type: ignore[attr-defined]
     return triton_attention.paged_attention(

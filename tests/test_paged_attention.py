@@ -253,7 +253,7 @@ def test_triton_paged_attention_matches_the_reference_on_ragged_prefill_and_deco
 
 @pytest.mark.parametrize(
     ("kv_bits", "word_loads", "keys_major"),
-    [((None, None), True, None), ((None, None), True, True), ((4, 4), True, None), ((4, 4), True, False),
+    [((None, None), True, None), ((None, None), True, False), ((4, 4), True, None), ((4, 4), True, False),
      ((4, 3), False, None), ((8, 2), True, None)],
 )  # fmt: skip
 def test_triton_decode_over_long_contexts_split_many_ways_matches_the_reference(kv_bits, word_loads, keys_major):
@@ -290,6 +290,22 @@ def test_triton_prefill_over_dequantized_copies_matches_the_reference(kv_bits, p
     triton_vs_reference(batch, torch.float32, split, dequantize_reuse=1)
 
 
+def test_the_plan_takes_128_prefill_rows_unless_quantized_pages_are_read_directly() -> None:
+    def rows(query_lens, context_lens, kv_bits, **config) -> int:
+        cfg = triton_attention.AttentionConfig(**config)
+        return triton_attention.plan_attention(query_lens, context_lens, 32, 8, "cpu", cfg, kv_bits).block_m
+
+    long_chunk, short_chunk = ([2048], [32768]), ([100], [32768])  # 64 and 4 query blocks of 32 tokens
+    assert rows([1, 1], [900, 40], (4, 4)) == rows([1], [9], (None, None)) == 16  # decode
+    assert rows(*long_chunk, (None, None)) == rows(*short_chunk, (None, None)) == 128  # fp16 pages
+    assert rows(*long_chunk, (4, 4)) == 128  # through dequantized copies
+    assert rows(*short_chunk, (4, 4)) == 128 and rows(*short_chunk, (4, 4), dequantize_reuse=5) == 64
+    assert rows(*long_chunk, (4, None)) == rows(*long_chunk, (4, 4), dequantize_reuse=None) == 64  # read directly
+    assert rows(*long_chunk, (4, 4), block_m=32) == 32  # a config's own rows win
+    # a chunk among many decodes: their contexts are read once each, the copies would not pay
+    assert rows([512] + [1] * 15, [2048] * 16, (4, 4)) == 64
+
+
 def test_dequantized_copies_are_made_only_for_long_queries_over_fully_quantized_pages() -> None:
     decode = RaggedBatch([(40, 1), (9, 1)], 8, 2, 64, 4, (4, 4), seed=1)
     prefill = RaggedBatch([(40, 60), (0, 50)], 8, 2, 64, 4, (4, 4), seed=2)
@@ -298,7 +314,8 @@ def test_dequantized_copies_are_made_only_for_long_queries_over_fully_quantized_
     def copies(batch: RaggedBatch, reuse: int | None):
         config = triton_attention.AttentionConfig(dequantize_reuse=reuse)
         lens = (batch.query_lens, batch.context_lens)
-        plan = triton_attention.plan_attention(*lens, 8, 2, "cpu", config)
+        plan = triton_attention.plan_attention(*lens, 8, 2, "cpu", config, batch.cache.kv_bits)
+        assert plan.block_m == (16 if batch is decode else 64)  # too short for copies at 128 rows
         pages = (batch.cache.k[0], batch.cache.v[0], batch.block_tables)
         return triton_attention._dequantized_copies(*pages, *lens, plan, torch.float32, config)
 
