@@ -101,7 +101,10 @@ def _prefill_rows(
     config: AttentionConfig,
 ) -> int:  # fmt: skip
     """PREFILL_ROWS unless the kernel will read quantized pages directly: either side is quantized and the batch will
-    not attend over dequantized copies (_dequantized_copies' test, counted in tokens: the plan knows no page size)."""
+    not attend over dequantized copies (_dequantized_copies' test, counted in tokens: the plan knows no page size).
+    Short queries (speculative verification: a few tokens per sequence) keep 64 rows: 128 would be mostly padding."""
+    if max(query_lens) * group <= PREFILL_ROWS_QUANTIZED:
+        return PREFILL_ROWS_QUANTIZED
     if kv_bits == (None, None):
         return PREFILL_ROWS
     if None in kv_bits or config.dequantize_reuse is None:

@@ -302,6 +302,7 @@ def test_the_plan_takes_128_prefill_rows_unless_quantized_pages_are_read_directl
     assert rows(*short_chunk, (4, 4)) == 128 and rows(*short_chunk, (4, 4), dequantize_reuse=5) == 64
     assert rows(*long_chunk, (4, None)) == rows(*long_chunk, (4, 4), dequantize_reuse=None) == 64  # read directly
     assert rows(*long_chunk, (4, 4), block_m=32) == 32  # a config's own rows win
+    assert rows([5, 5, 3], [900, 40, 70], (None, None)) == 64  # verifying drafts: 128 rows would be mostly padding
     # a chunk among many decodes: their contexts are read once each, the copies would not pay
     assert rows([512] + [1] * 15, [2048] * 16, (4, 4)) == 64
 
