@@ -42,6 +42,7 @@ FLOAT_MAGIC = 0x4B000000
 # (3.40 / 4.35 ms against 4.14 / 5.60 at 64), 64 over quantized pages read directly (7.79 ms against 13.5 at 128).
 PREFILL_ROWS = 128
 PREFILL_ROWS_QUANTIZED = 64
+SHORT_QUERY_ROWS = 64  # prefill queries of at most this many rows (speculative verification) take no more
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def _prefill_rows(
     """PREFILL_ROWS unless the kernel will read quantized pages directly: either side is quantized and the batch will
     not attend over dequantized copies (_dequantized_copies' test, counted in tokens: the plan knows no page size).
     Short queries (speculative verification: a few tokens per sequence) keep 64 rows: 128 would be mostly padding."""
-    if max(query_lens) * group <= PREFILL_ROWS_QUANTIZED:
-        return PREFILL_ROWS_QUANTIZED
+    if max(query_lens) * group <= SHORT_QUERY_ROWS:
+        return SHORT_QUERY_ROWS
     if kv_bits == (None, None):
         return PREFILL_ROWS
     if None in kv_bits or config.dequantize_reuse is None:
