@@ -46,7 +46,7 @@ from kernels.exl3_reconstruct import (
     trellis_words,
     use_asm,
 )
-from kernels.hadamard import HAD_BLOCK, check_device, hadamard_transform, sylvester_signs
+from kernels.hadamard import HAD_BLOCK, check_device, hadamard_signs, hadamard_transform
 
 MAX_FUSED_ROWS = 32  # above this, rebuilding W once and running a dense matmul is cheaper
 MAX_STEPS = 8  # bounds the number of compiled variants (STEPS is a constexpr)
@@ -126,6 +126,7 @@ def _gemv_kernel(
 @triton.jit
 def _finish_kernel(
     part_ptr,
+    h64_ptr,
     svh_ptr,
     bias_ptr,
     y_ptr,
@@ -142,7 +143,7 @@ def _finish_kernel(
     r64 = tl.arange(0, 64)
     cols_a = tl.program_id(0) * 128 + r64  # the block's two halves: y = [(a + b) H64, (a - b) H64]
     cols_b = cols_a + 64
-    h = sylvester_signs(r64, r64)  # computed while the partials load
+    h = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :])  # independent of the partials: overlaps
     sl = tl.arange(0, CHUNK)
     acc_a = tl.zeros((64,), dtype=tl.float32)
     acc_b = tl.zeros((64,), dtype=tl.float32)
@@ -246,6 +247,7 @@ def gemv_launches(
     )
     splits = k_steps // steps  # independent of m: a row's sums never depend on its batch
     chunk = min(cfg.finish_chunk, triton.next_power_of_2(splits))
+    h64 = hadamard_signs(HAD_BLOCK // 2, x.device)  # fp32 +-1, for the finish kernel's output Hadamard
     xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -271,6 +273,7 @@ def gemv_launches(
     finish = functools.partial(
         _finish_kernel[(col_blocks, m)],
         partial,
+        h64,
         svh,
         bias if bias is not None else svh,
         y,

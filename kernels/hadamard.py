@@ -5,8 +5,8 @@ matrix scaled by 1/sqrt(128) (torch reference: ``kernels.exl3_ref._had_last``). 
 (``scale_in = suh``) and the output side (``scale_out = svh``) of a quantized linear.
 
 One program owns a (BLOCK_M, 128) block and multiplies it by the +-1 matrix on the tensor cores (tf32, exact +-1
-entries computed in registers, fp32 accumulation), then applies 1/sqrt(128): the transform costs 128 MACs per
-element, far below a memory pass on any GPU this runs on, so a butterfly would buy nothing here.
+entries, fp32 accumulation), then applies 1/sqrt(128): the transform costs 128 MACs per element, far below a
+memory pass on any GPU this runs on, so a butterfly would buy nothing here.
 """
 
 from __future__ import annotations
@@ -35,18 +35,6 @@ def hadamard_signs(n: int, device: torch.device | str, dtype: torch.dtype = torc
     return _SIGNS[key]
 
 
-@triton.jit
-def sylvester_signs(rows, cols):
-    """[len(rows), len(cols)] fp32 entries of the Sylvester Hadamard matrix, (-1)^popcount(i & j), for indices below
-    128: computed in registers (seven integer operations each) instead of loaded, so a small launch does not wait
-    on a 16-64 KB read before its first multiply."""
-    v = rows[:, None] & cols[None, :]
-    v ^= v >> 4  # fold the parity of bits 4-6 onto bits 0-2 (bit 3 keeps its own)
-    v ^= v >> 2
-    v ^= v >> 1
-    return 1.0 - 2.0 * (v & 1).to(tl.float32)
-
-
 def check_device(*tensors: torch.Tensor) -> None:
     """Triton kernels run on CUDA tensors, or on CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -61,6 +49,7 @@ def check_device(*tensors: torch.Tensor) -> None:
 @triton.jit
 def _hadamard_kernel(
     x_ptr,
+    h_ptr,
     scale_in_ptr,
     scale_out_ptr,
     y_ptr,
@@ -84,7 +73,8 @@ def _hadamard_kernel(
     if HAS_SCALE_IN:
         x *= tl.load(scale_in_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     hidx = tl.arange(0, 128)
-    y = tl.dot(x, sylvester_signs(hidx, hidx)) * 0.08838834764831845  # 1/sqrt(128)
+    h = tl.load(h_ptr + hidx[:, None] * 128 + hidx[None, :])
+    y = tl.dot(x, h) * 0.08838834764831845  # 1/sqrt(128)
     if HAS_SCALE_OUT:
         y *= tl.load(scale_out_ptr + cols).to(tl.float32)[None, :]
     tl.store(
@@ -129,6 +119,7 @@ def hadamard_transform(
         grid = (triton.cdiv(m, block_m), n // HAD_BLOCK)
         _hadamard_kernel[grid](
             x2,
+            hadamard_signs(HAD_BLOCK, x.device),
             scale_in if scale_in is not None else x2,
             scale_out if scale_out is not None else x2,
             y,
