@@ -299,13 +299,17 @@ def prefill(res: dict, gen: torch.Generator, cached: int, chunk: int, name: str)
         cache = filled_cache(bits, [ctx], gen)
         tables = shuffled_tables(cache, [ctx], gen)
         q = torch.randn(chunk, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
-        ms = time_attention(q, cache, tables, [chunk], [ctx])
-        decode_ms = time_attention(q[:1].contiguous(), cache, tables, [1], [ctx])
+        # plans built once, as the worker builds one per step for all layers: the timings are the kernels' alone
+        plan = plan_attention([chunk], [ctx], HEADS, KV_HEADS, "cuda", kv_bits=bits)
+        ms = time_attention(q, cache, tables, [chunk], [ctx], plan=plan)
+        decode_plan = plan_attention([1], [ctx], HEADS, KV_HEADS, "cuda", kv_bits=bits)
+        decode_ms = time_attention(q[:1].contiguous(), cache, tables, [1], [ctx], plan=decode_plan)
         out[fmt] = {"chunk_ms": ms, "TFLOPs": flops / ms / 1e9, "decode_us": decode_ms * 1000}
         print(f"{name} {fmt}: chunk {ms:.2f} ms ({flops / ms / 1e9:.0f} TFLOP/s), decode {decode_ms * 1000:.0f} us")
         if bits != (None, None):  # the default takes rotated copies of the pages here; this is without them
             direct = AttentionConfig(dequantize_reuse=None)
-            ms = time_attention(q, cache, tables, [chunk], [ctx], config=direct)
+            plan = plan_attention([chunk], [ctx], HEADS, KV_HEADS, "cuda", direct, bits)
+            ms = time_attention(q, cache, tables, [chunk], [ctx], plan=plan, config=direct)
             out[f"{fmt} direct"] = {"chunk_ms": ms, "TFLOPs": flops / ms / 1e9}
             print(f"{name} {fmt} direct: chunk {ms:.2f} ms ({flops / ms / 1e9:.0f} TFLOP/s)")
         del cache
