@@ -466,6 +466,8 @@ def table(res: dict) -> str:
         for fmt, row in res.get(name, {}).items():
             decode = f", decode {row['decode_us']:.0f} us" if "decode_us" in row else ""
             lines.append(f"{name} {fmt}: chunk {row['chunk_ms']:.2f} ms {row['TFLOPs']:.0f} TFLOP/s{decode}")
+    for row in res.get("prefill_sweep", {}).get("best", {}).values():
+        lines.append(f"prefill sweep, best {row['config']}: {row['ms']:.2f} ms {row['TFLOPs']:.0f} TFLOP/s")
     e2e = res.get("e2e_128k", {})
     if "prefill_s" in e2e:
         lines.append(
