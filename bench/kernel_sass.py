@@ -47,6 +47,9 @@ PTXAS_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 INSTRUCTION = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)[^;]*;", re.M)
 BACK_BRANCH = re.compile(r"BRA\s.*?(0x[0-9a-f]+)")
 GEMV_STEPS = 4  # 128-row steps per program in the compiled EXL3 weight kernel
+# The integer pipe's opcodes: what the ceiling (~3 integer operations per weight, 64 per clock per SM)
+# counts. The rest of the loop is loads, the fp16 scale multiply (HFMA2), MMAs and bookkeeping.
+INTEGER_OPS = {"IMAD", "IDP", "SHF", "PRMT", "LOP3", "SGXT", "LEA", "IADD3", "ISETP", "SEL", "IABS", "IMNMX", "BMSK"}
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,7 @@ def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefe
         "loop_instructions": len(per_step) / scale,
         # thread instructions per weight, the unit of the ceiling (~3 integer operations per weight)
         "instructions_per_weight": len(per_step) / scale * num_warps * 32 / (128 * 128),
+        "integer_ops_per_weight": sum(op in INTEGER_OPS for op in per_step) / scale * num_warps * 32 / (128 * 128),
         "loop_mix": dict(collections.Counter(per_step).most_common(12)),
     }
 
@@ -231,7 +235,8 @@ def exl3_gemv_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
             row,
             (
                 f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch}: "
-                f"{row['instructions_per_weight']:.2f} instructions per weight, {row['loop_instructions']:.0f} per "
+                f"{row['instructions_per_weight']:.2f} instructions per weight ({row['integer_ops_per_weight']:.2f} "
+                f"integer), {row['loop_instructions']:.0f} per "
                 f"128 x 128 step, {row['registers']} registers, {row['spill_store_bytes']} B spilled, "
                 f"{row['shared_bytes']} B shared; {row['loop_mix']}"
             ),
