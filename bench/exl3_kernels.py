@@ -334,6 +334,7 @@ def main() -> None:
         "triton": triton.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     out = Path(args.out) / "exl3_kernels.json"
     gen = torch.Generator(device="cuda").manual_seed(1234)
     state: dict = {"cfg": None}  # the launch config used for the timings: default, or the sweep's best
