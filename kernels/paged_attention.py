@@ -110,9 +110,20 @@ def _prefill_rows(
         return PREFILL_ROWS
     if None in kv_bits or config.dequantize_reuse is None:
         return PREFILL_ROWS_QUANTIZED
-    tokens_per_block = max(1, PREFILL_ROWS // group)
-    reads = sum(-(-n // tokens_per_block) * c for n, c in zip(query_lens, context_lens, strict=True))
-    return PREFILL_ROWS if reads >= config.dequantize_reuse * sum(context_lens) else PREFILL_ROWS_QUANTIZED
+    copies = _tiles_reused(query_lens, context_lens, max(1, PREFILL_ROWS // group), 1, config.dequantize_reuse)
+    return PREFILL_ROWS if copies else PREFILL_ROWS_QUANTIZED
+
+
+def _tiles_reused(
+    query_lens: list[int], context_lens: list[int], tokens_per_block: int, page_size: int, reuse: int
+) -> bool:
+    """Whether query blocks of ``tokens_per_block`` tokens would dequantize each cached page ``reuse`` times or more
+    on average (every query block of a sequence reads its whole context); counted in tokens with page_size 1."""
+    if max(query_lens) <= tokens_per_block:  # one block per sequence (decode): each page is read once
+        return reuse <= 1
+    pages = [-(-c // page_size) for c in context_lens]
+    reads = sum(-(-n // tokens_per_block) * p for n, p in zip(query_lens, pages, strict=True))
+    return reads >= reuse * sum(pages)
 
 
 def plan_attention(
@@ -634,10 +645,9 @@ def _dequantized_copies(
     if config.dequantize_reuse is None or not (isinstance(k_pages, QuantPages) and isinstance(v_pages, QuantPages)):
         return None
     page_size = k_pages.page_size
-    pages = [-(-c // page_size) for c in context_lens]
-    blocks = [-(-n // plan.tokens_per_block) for n in query_lens]
-    if sum(b * p for b, p in zip(blocks, pages, strict=True)) < config.dequantize_reuse * sum(pages):
+    if not _tiles_reused(query_lens, context_lens, plan.tokens_per_block, page_size, config.dequantize_reuse):
         return None
+    pages = [-(-c // page_size) for c in context_lens]
     copy_bytes = 2 * sum(pages) * page_size * k_pages.num_kv_heads * k_pages.head_dim * torch.finfo(dtype).bits // 8
     if 2 * copy_bytes > _allocatable_bytes(block_tables.device):
         return None
