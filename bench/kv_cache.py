@@ -291,14 +291,22 @@ def append(res: dict, gen: torch.Generator) -> None:
         del cache
 
 
+def prefill_case(
+    bits: KVBits, cached: int, chunk: int, gen: torch.Generator
+) -> tuple[PagedKVCache, torch.Tensor, torch.Tensor, int]:
+    """One sequence's chunk of ``chunk`` queries over ``cached`` earlier tokens: (cache, block tables, q, flops)."""
+    ctx = cached + chunk
+    cache = filled_cache(bits, [ctx], gen)
+    tables = shuffled_tables(cache, [ctx], gen)
+    q = torch.randn(chunk, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+    return cache, tables, q, 4 * HEADS * HEAD_DIM * (chunk * cached + chunk * (chunk + 1) // 2)
+
+
 def prefill(res: dict, gen: torch.Generator, cached: int, chunk: int, name: str) -> None:
     out = res.setdefault(name, {})
     ctx = cached + chunk
-    flops = 4 * HEADS * HEAD_DIM * (chunk * cached + chunk * (chunk + 1) // 2)
     for fmt, bits in (("fp16", (None, None)), ("K4/V4", (4, 4))):
-        cache = filled_cache(bits, [ctx], gen)
-        tables = shuffled_tables(cache, [ctx], gen)
-        q = torch.randn(chunk, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+        cache, tables, q, flops = prefill_case(bits, cached, chunk, gen)
         # plans built once, as the worker builds one per step for all layers: the timings are the kernels' alone
         plan = plan_attention([chunk], [ctx], HEADS, KV_HEADS, "cuda", kv_bits=bits)
         ms = time_attention(q, cache, tables, [chunk], [ctx], plan=plan)
@@ -323,12 +331,9 @@ def prefill_sweep(
     K4/V4 through dequantized copies (their dequantizing included), the best of each reported."""
     out = res.setdefault("prefill_sweep", {})
     ctx = cached + chunk
-    flops = 4 * HEADS * HEAD_DIM * (chunk * cached + chunk * (chunk + 1) // 2)
     shapes = list(product(block_m, grid.block_n, grid.warps, grid.stages))
     for fmt, bits, reuse in (("fp16", (None, None), None), ("K4/V4", (4, 4), None), ("K4/V4 copies", (4, 4), 1)):
-        cache = filled_cache(bits, [ctx], gen)
-        tables = shuffled_tables(cache, [ctx], gen)
-        q = torch.randn(chunk, HEADS, HEAD_DIM, generator=gen, device="cuda", dtype=DTYPE)
+        cache, tables, q, flops = prefill_case(bits, cached, chunk, gen)
         for bm, bn, w, st in shapes:
             cfg = AttentionConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st, dequantize_reuse=reuse)
             key = f"{fmt} {bm}/{bn}/{w}w/{st}s"
