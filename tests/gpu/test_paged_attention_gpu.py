@@ -32,8 +32,9 @@ VARIANTS = [  # (format, key/value bits, kernel configuration)
     ("K4/V4", (4, 4), AttentionConfig(keys_major=False)),
     ("K4/V4", (4, 4), AttentionConfig(word_loads=False)),
     ("K4/V4", (4, 4), AttentionConfig(block_n=128, num_warps=8)),
-    ("K4/V4", (4, 4), AttentionConfig(dequantize_reuse=4)),  # the prefill case through dequantized page copies
-    ("K3/V5", (3, 5), AttentionConfig(dequantize_reuse=4)),
+    # the defaults take long prefills through dequantized page copies; these read the quantized pages directly
+    ("K4/V4", (4, 4), AttentionConfig(dequantize_reuse=None)),
+    ("K3/V5", (3, 5), AttentionConfig(dequantize_reuse=None)),
     ("K8/V8", (8, 8), AttentionConfig()),
     ("K2/V4", (2, 4), AttentionConfig()),
     ("K3/V5", (3, 5), AttentionConfig()),
