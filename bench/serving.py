@@ -6,14 +6,16 @@
     python bench/serving.py --rounds 3      # alternate gateway and in-process runs; the hop is a median of rounds
 
 Reports TTFT, inter-token latency and end-to-end latency (p50/p90/p99), output tokens/s and errors for each load
-pattern, then the same requests driven straight into the engine in this process, so the cost of the gateway + Redis
-hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <= 5% added inter-token latency). With
-``--rounds N`` the two alternate N times with the suite up throughout (so both see the same idle background
-processes) and the hop is reported per round and as the median over rounds: on a noisy host one pair of runs can
-differ by more than the hop itself. The in-process side runs the engine as the worker does (``EngineLoop.run()`` on
-the main thread) with an asynchronous client on a second thread, so in both a request that arrives while a step runs
-joins at the next step; only the gateway, Redis and the worker's intake and publisher are missing from it. Fixed-rate
-runs go through both sides too.
+pattern, with the engine's own split of the TTFT at p50 (queue: from acceptance to the step that first schedules the
+request; prefill: from there to its first token; served runs read it from the worker's final events, so with
+``--base-url`` only when ``--redis-url`` is given), then the same requests driven straight into the engine in this
+process, so the cost of the gateway + Redis hop is a ratio measured in one run (goal: <= 3 ms added TTFT at p50, <=
+5% added inter-token latency). With ``--rounds N`` the two alternate N times with the suite up throughout (so both
+see the same idle background processes) and the hop is reported per round and as the median over rounds: on a noisy
+host one pair of runs can differ by more than the hop itself. The in-process side runs the engine as the worker does
+(``EngineLoop.run()`` on the main thread) with an asynchronous client on a second thread, so in both a request that
+arrives while a step runs joins at the next step; only the gateway, Redis and the worker's intake and publisher are
+missing from it. Fixed-rate runs go through both sides too.
 Loopback only; every loop is bounded in count and time.
 """
 
@@ -56,6 +58,15 @@ class Result:
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+    request_id: str = ""
+    # the engine's own split of the TTFT (its final event's timings): from acceptance (the gateway's, or add_request
+    # in-process) to the step that first schedules the request, and from there to its first token
+    queue: float | None = None
+    prefill: float | None = None
+
+    def take_timings(self, timings: dict) -> None:
+        if timings.get("ttft_s") is not None:
+            self.queue, self.prefill = timings["queue_s"], timings["ttft_s"] - timings["queue_s"]
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -79,6 +90,8 @@ def summarize(name: str, results: list[Result], wall: float) -> dict:
         "e2e_s": {p: pct(e2e, p) for p in (50, 90, 99)},
         "output_tok_s": toks / wall if wall > 0 else 0.0, "wall_s": wall,
         "first_error": next((r.error for r in results if not r.ok), ""),
+        "engine_queue_ms": 1000 * pct([r.queue for r in ok if r.queue is not None], 50),
+        "engine_prefill_ms": 1000 * pct([r.prefill for r in ok if r.prefill is not None], 50),
     }
 
 
@@ -90,6 +103,7 @@ async def one_http(session: aiohttp.ClientSession, base: str, model: str, prompt
     last = None
     try:
         async with session.post(f"{base}/v1/chat/completions", json=body) as resp:
+            res.request_id = resp.headers.get("X-Request-Id", "")
             if resp.status != 200:
                 res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                 return res
@@ -134,6 +148,25 @@ async def run_http(base: str, model: str, n: int, max_tokens: int, concurrency: 
                 await asyncio.sleep(1.0 / rate)
         results = await asyncio.gather(*tasks)
         return list(results), time.perf_counter() - t0
+
+
+def read_engine_timings(redis_url: str, results: list[Result]) -> None:
+    """Fill each served result's engine split from the final event its worker left in ``out:{request_id}``."""
+    import redis
+
+    from shared import names, wire
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for res in results:
+            if not res.request_id:
+                continue
+            for _entry, fields in client.xrange(names.output_stream(res.request_id)):
+                event = wire.unpack(fields[names.PAYLOAD_FIELD])
+                if event.get("type") == "done":
+                    res.take_timings(event["timings"])
+    finally:
+        client.close()
 
 
 def in_process_engine(model_dir: Path, model: str, max_batch_size: int):
@@ -200,6 +233,7 @@ def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int,
                     last[rid] = now
                 elif ev["type"] == "done":
                     r.ok, r.e2e, r.tokens = True, now - start[rid], ev["usage"]["completion_tokens"]
+                    r.take_timings(ev["timings"])
                     in_flight.discard(rid)
                 elif ev["type"] == "error":
                     r.error = ev["message"]
@@ -224,11 +258,12 @@ def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int,
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'run':<28}{'req':>5}{'err':>5}{'TTFT p50':>10}{'p90':>8}{'p99':>8}{'ITL p50':>9}{'p90':>8}{'p99':>8}"
-          f"{'E2E p50 s':>10}{'tok/s':>8}")
+          f"{'E2E p50 s':>10}{'tok/s':>8}{'queue':>9}{'prefill':>9}")
     for r in rows:
         t, i, e = r["ttft_ms"], r["itl_ms"], r["e2e_s"]
         print(f"{r['name']:<28}{r['requests']:>5}{r['errors']:>5}{t[50]:>10.1f}{t[90]:>8.1f}{t[99]:>8.1f}"
-              f"{i[50]:>9.1f}{i[90]:>8.1f}{i[99]:>8.1f}{e[50]:>10.2f}{r['output_tok_s']:>8.1f}")
+              f"{i[50]:>9.1f}{i[90]:>8.1f}{i[99]:>8.1f}{e[50]:>10.2f}{r['output_tok_s']:>8.1f}"
+              f"{r['engine_queue_ms']:>9.1f}{r['engine_prefill_ms']:>9.1f}")
 
 
 def main() -> int:
@@ -243,6 +278,7 @@ def main() -> int:
     ap.add_argument("--no-in-process", action="store_true")
     ap.add_argument("--rounds", type=int, default=1, help="alternate gateway and in-process runs this many times")
     ap.add_argument("--json", type=Path, help="write all numbers here")
+    ap.add_argument("--redis-url", help="with --base-url: the suite's Redis, to read the workers' own TTFT split")
     args = ap.parse_args()
 
     from shared.default_model import ensure_default_model
@@ -261,14 +297,15 @@ def main() -> int:
     def tag(r: int) -> str:
         return f" #{r + 1}" if rounds > 1 else ""
 
-    async def http_runs(base: str, r: int) -> None:
+    async def http_runs(base: str, r: int, redis_url: str | None) -> None:
         await run_http(base, args.model, 2, 4, 2, None)  # warm-up
-        for c in args.concurrency:
-            res, wall = await run_http(base, args.model, args.requests, args.max_tokens, c, None)
-            rows.append(summarize(f"gateway concurrency={c}{tag(r)}", res, wall))
-        for rate in (args.rate or []) if r == 0 else []:
-            res, wall = await run_http(base, args.model, args.requests, args.max_tokens, None, rate)
-            rows.append(summarize(f"gateway rate={rate}/s", res, wall))
+        loads = [(f"concurrency={c}{tag(r)}", c, None) for c in args.concurrency]
+        loads += [(f"rate={rate}/s", None, rate) for rate in ((args.rate or []) if r == 0 else [])]
+        for name, c, rate in loads:
+            res, wall = await run_http(base, args.model, args.requests, args.max_tokens, c, rate)
+            if redis_url:
+                await asyncio.to_thread(read_engine_timings, redis_url, res)
+            rows.append(summarize(f"gateway {name}", res, wall))
 
     engines: list = []
 
@@ -289,7 +326,7 @@ def main() -> int:
 
     if args.base_url:
         for r in range(rounds):
-            asyncio.run(http_runs(args.base_url, r))
+            asyncio.run(http_runs(args.base_url, r, args.redis_url))
             if in_process and rounds > 1:
                 in_process_runs(r)
     else:
@@ -300,10 +337,11 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             redis_proc = start_redis_server(port, Path(tmp) / "redis")
             try:
-                with running_suite(f"redis://127.0.0.1:{port}/0", models_dir, args.model, Path(tmp),
+                redis_url = f"redis://127.0.0.1:{port}/0"
+                with running_suite(redis_url, models_dir, args.model, Path(tmp),
                                    TRELLIS_MAX_BATCH_SIZE=str(max_batch)) as base:
                     for r in range(rounds):
-                        asyncio.run(http_runs(base, r))
+                        asyncio.run(http_runs(base, r, redis_url))
                         if in_process and rounds > 1:
                             in_process_runs(r)
             finally:

@@ -203,6 +203,7 @@ class Engine:
         self.planner = SpeculationPlanner() if cfg.speculative_by_cost else None
         self.acceptance_prior = AcceptancePrior()
         self._last_step_s = 0.0  # wall time of the last step that ran a forward
+        self._last_prompt_step_s = 0.0  # ... and of the last one with a prompt chunk in it (Engine.linger, when idle)
         self._freed_seqs = 0  # sequences ended since the last linger(): the successors it waits for
         self._ending_steps = 1.0  # running share of steps that ended sequences (starts pessimistic: no amortizing)
         self.successors = SuccessorClock()  # how soon ended requests' successors arrive (under self._cond)
@@ -307,18 +308,25 @@ class Engine:
         early successors wait, against a whole step saved for each late one, so up to ADMIT_LINGER_IDLE_FRACTION.
         When this worker's ends are usually followed by successors (SuccessorClock) within at most
         ADMIT_LINGER_EXPECTED_FRACTION of a step, or within what keeps the running sequences' average slowdown
-        under ADMIT_LINGER_AMORTIZED_SHARE given how often steps end sequences, up to that usual gap. Returns as soon as
-        as many sequences have arrived as ended, or an abort comes."""
+        under ADMIT_LINGER_AMORTIZED_SHARE given how often steps end sequences, up to that usual gap; with nothing
+        running, within ADMIT_LINGER_MAX_FRACTION of the last prompt step (what a late successor would wait for when
+        the first one's prompt goes ahead alone). Returns as soon as as many sequences have arrived as ended, or an
+        abort comes."""
         freed, self._freed_seqs = self._freed_seqs, 0
         self._ending_steps += ENDING_STEPS_DECAY * ((1.0 if freed else 0.0) - self._ending_steps)
         if not freed or self.cfg.admit_linger_s <= 0 or self.scheduler.waiting:
             return
-        fraction = ADMIT_LINGER_STEP_FRACTION if self.scheduler.running else ADMIT_LINGER_IDLE_FRACTION
+        running = bool(self.scheduler.running)
+        fraction = ADMIT_LINGER_STEP_FRACTION if running else ADMIT_LINGER_IDLE_FRACTION
+        # the step a late successor would miss: with sequences running, one like the last; with none, the first
+        # arrival's prompt step (longer than the decode step that ended the others)
+        step_s = self._last_step_s if running else max(self._last_step_s, self._last_prompt_step_s)
         with self._cond:
             gap = self.successors.expected_gap()
-            if gap is not None and 0 < self._last_step_s and gap <= self._expected_gap_budget() * self._last_step_s:
-                fraction = max(fraction, gap / self._last_step_s)  # a shorter wait than the gap would catch nobody
-            deadline = time.monotonic() + min(self.cfg.admit_linger_s, fraction * self._last_step_s)
+            budget = self._expected_gap_budget() if running else ADMIT_LINGER_MAX_FRACTION  # idle: nobody's ITL
+            if gap is not None and 0 < step_s and gap <= budget * step_s:
+                fraction = max(fraction, gap / step_s)  # a shorter wait than the gap would catch nobody
+            deadline = time.monotonic() + min(self.cfg.admit_linger_s, fraction * step_s)
             while not self._aborts and sum(max(1, r.params.n) for r in self._inbox) < freed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -374,7 +382,10 @@ class Engine:
                     self.metrics.request_queue_time.observe(now - r.arrival)
             self._forward_and_sample(plan, events)
             self._last_step_s = time.perf_counter() - started
-            if self.planner is not None and self._num_graphs() == graphs_before:  # a capture is no steady cost
+            steady = self._num_graphs() == graphs_before if self.planner is not None else True
+            if not _decode_only(plan) and steady:
+                self._last_prompt_step_s = self._last_step_s
+            if self.planner is not None and steady:  # a capture is no steady cost
                 self._time_decode_step(plan, drafts, self._last_step_s)
         self._update_gauges()
         return events

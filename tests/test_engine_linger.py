@@ -12,6 +12,7 @@ from inference_worker.engine import (
     ADMIT_LINGER_AMORTIZED_SHARE,
     ADMIT_LINGER_EXPECTED_FRACTION,
     ADMIT_LINGER_IDLE_FRACTION,
+    ADMIT_LINGER_MAX_FRACTION,
     ADMIT_LINGER_STEP_FRACTION,
     ENDING_STEPS_DECAY,
     Engine,
@@ -131,6 +132,32 @@ def test_when_successors_usually_come_the_wait_covers_their_gap(loaded) -> None:
     engine.linger()
     waited = time.monotonic() - started
     assert waited < 0.9 * 0.25, waited
+
+
+def test_with_nothing_running_the_gap_is_weighed_against_the_prompt_step(loaded) -> None:  # noqa: F811
+    # several sequences that ended together leave the engine idle; their successors arrive spread over the usual
+    # gap, and one that misses the first arrival's prompt step waits all of it: that step, not the decode step that
+    # ended them, is what the wait is weighed against
+    engine = make_engine(loaded, admit_linger_s=5.0)
+    prompt = loaded[2].tokenizer.encode("Hello there").ids
+    engine.add_request(GenerationRequest("only", "m", prompt, greedy(2)))
+    while engine.has_work():
+        engine.step()
+    assert engine._last_prompt_step_s > 0  # its prompt step was timed
+    clock = SuccessorClock()  # successors usually come 0.2 s after an end: 0.25 s with the margin
+    for i in range(8):
+        clock.ended(float(i), 1)
+        clock.arrived(i + 0.2)
+    engine.successors = clock
+    for prompt_step_s, expected in ((0.8, 0.25), (0.4, 0.25 * 0.4)):
+        engine._freed_seqs = 2
+        engine._last_step_s = 0.1  # the decode step that ended them: the gap is far more than a share of it
+        engine._last_prompt_step_s = prompt_step_s  # 0.25 s is within half of 0.8 s but not of 0.4 s
+        started = time.monotonic()
+        engine.linger()  # nobody comes
+        waited = time.monotonic() - started
+        assert 0.9 * expected <= waited < expected + 0.1, (prompt_step_s, waited)
+    assert ADMIT_LINGER_MAX_FRACTION == 0.5 and ADMIT_LINGER_IDLE_FRACTION == 0.25
 
 
 def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # noqa: F811
