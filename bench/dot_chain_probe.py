@@ -16,9 +16,12 @@ Hadamard formed each way, and compares the result with the same kernel reading `
 3. form 1's result passed through a per-program scratch line in global memory (store, barrier, load, barrier)
 4. no Hadamard dot: an elementwise broadcast-and-sum (slow; tells whether the dot is what breaks)
 5. form 1's result stored as the output, with no weight dot after it (tells whether the Hadamard dot alone is right)
+6. a butterfly H64 in six levels of reshape, split and join (adds only: no dot, no matrix in registers)
 
 Each variant runs in a child process, since an illegal address poisons the CUDA context for the rest of a process.
-Prints one line per variant: ok (relative error), WRONG (relative error) or CRASHED (the child's last error line).
+
+Prints one line per variant: ok (relative error, and on a GPU the time of one launch on a 4096 x 4096 layer), WRONG
+(relative error) or CRASHED (the child's last error line).
 """
 
 from __future__ import annotations
@@ -46,8 +49,26 @@ FORMS = {
     3: "H64 dot through a scratch line",
     4: "elementwise Hadamard, no dot",
     5: "H64 dot alone, stored",
+    6: "butterfly H64 (reshape, split, join), no dot",
 }
 INV_SQRT128 = tl.constexpr(0.08838834764831845)  # 1/sqrt(128)
+
+
+@triton.jit
+def _butterfly_stage(v, H: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One Sylvester butterfly level over axis 0 of v [64, BLOCK_M]: rows j and j + H of each 2H block become their
+    sum and difference."""
+    v4 = tl.permute(tl.reshape(v, (64 // (2 * H), 2, H, BLOCK_M)), (0, 2, 3, 1))  # the pair's axis last
+    a, b = tl.split(v4)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (64, BLOCK_M))
+
+
+@triton.jit
+def _butterfly64(v, BLOCK_M: tl.constexpr):
+    """H64 v over axis 0 (Sylvester order, unnormalized) in six butterfly levels: 6 x 64 adds per column."""
+    for h in tl.static_range(6):
+        v = _butterfly_stage(v, 1 << h, BLOCK_M)
+    return v
 
 
 @triton.jit
@@ -57,6 +78,8 @@ def _hadamard_half(s, h64, scratch, rows, r64, BLOCK_M: tl.constexpr, FORM: tl.c
         out = tl.trans(tl.dot(tl.trans(s.to(tl.float16)), h64).to(tl.float16))
     elif FORM == 4:
         out = tl.sum(h64.to(tl.float32)[:, :, None] * s[None, :, :], axis=1).to(tl.float16)
+    elif FORM == 6:
+        out = _butterfly64(s, BLOCK_M).to(tl.float16)
     else:
         out = tl.dot(h64, s.to(tl.float16)).to(tl.float16)
         if FORM == 3:
@@ -108,8 +131,10 @@ def _probe_kernel(
         tl.store(out_ptr + rows[None, :] * n_cols + cols[:, None], acc, mask=row_ok[None, :])
 
 
-def run_form(form: int, warps: int, device: str, rows: int = 1, k: int = 512, n: int = 512, bits: int = 4) -> float:
-    """Relative error of the form's output against form 0's (form 5: against torch's xh)."""
+def run_form(form: int, warps: int, device: str, rows: int = 1, k: int = 512, n: int = 512, bits: int = 4,
+             timed: bool = False) -> float:
+    """Relative error of the form's output against form 0's (form 5: against torch's xh); with ``timed``, the
+    microseconds of one launch instead (no check)."""
     gen = torch.Generator().manual_seed(0)
     trellis = torch.randint(-32768, 32768, (k // 16, n // 16, 16 * bits), dtype=torch.int16, generator=gen)
     suh = torch.randn(k, generator=gen).sign() * (1 + 0.1 * torch.rand(k, generator=gen))
@@ -129,6 +154,8 @@ def run_form(form: int, warps: int, device: str, rows: int = 1, k: int = 512, n:
         )  # fmt: skip
         return out
 
+    if timed:
+        return 1000 * triton.testing.do_bench(lambda: launch(form), warmup=25, rep=100)
     got = launch(form)
     want = xh if form == 5 else launch(0)
     if not torch.isfinite(got).all():
@@ -147,7 +174,11 @@ def main() -> int:
     forms, warps = args.form or sorted(FORMS), args.warps or [4, 8]
     if args.one:
         err = run_form(forms[0], warps[0], args.device, args.rows)
-        print(f"{'ok' if err < 5e-3 else 'WRONG'} {err:.2e}")
+        timing = ""
+        if err < 5e-3 and args.device == "cuda":  # a correct form: how long it takes on a 4096 x 4096 layer
+            us = run_form(forms[0], warps[0], args.device, args.rows, k=4096, n=4096, timed=True)
+            timing = f", {us:.1f} us at 4096 x 4096 (32 programs, no split-K: compare forms, not kernels)"
+        print(f"{'ok' if err < 5e-3 else 'WRONG'} {err:.2e}{timing}")
         return 0 if err < 5e-3 else 1
     for form in forms:
         for w in warps:
