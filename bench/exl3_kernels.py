@@ -144,14 +144,19 @@ def time_bf16(k: int, n: int, m: int) -> float:
     return graph_us([lambda w=w: torch.matmul(x, w) for w in ws])
 
 
-def sweep_configs(base: GemvConfig) -> list[GemvConfig]:
-    grid = [replace(base, waves=wv, num_warps=w, prefetch=p) for w in (8, 4) for wv in (1, 2, 4) for p in (False, True)]
-    return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)]
+def sweep_configs(base: GemvConfig, input_hadamards: tuple[str, ...] = ("butterfly", "dot")) -> list[GemvConfig]:
+    # prefetch was timed on an H100 (2026-12-07): faster only at one wave; it stays out of the grid
+    grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in (1, 2, 4)]
+    fused = [replace(base, waves=wv, num_warps=w, input_hadamard=h)
+             for h in input_hadamards for w in (8, 4) for wv in (2, 4)]  # fmt: skip
+    # last: a form that faults poisons the CUDA context for everything after it in this process
+    return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)] + fused
 
 
 def cfg_key(c: GemvConfig) -> str:
     prefetch = "/prefetch" if c.prefetch else ""
-    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}{prefetch}"
+    hadamard = "" if c.input_hadamard == "launch" else f"/in-{c.input_hadamard}"
+    return f"warps{c.num_warps}/waves{c.waves}/stages{c.num_stages}/finish{c.finish_warps}{prefetch}{hadamard}"
 
 
 def gemv_error(x: torch.Tensor, layer: tuple, cb: str, bias: torch.Tensor | None, cfg: GemvConfig | None) -> float:
@@ -192,7 +197,7 @@ def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) ->
             "K": 4,
             "launches": len(plans[0]),
             "total_us": graph_us([lambda p=p: [launch() for launch in p] for p in plans]),
-            "hadamard_us": graph_us([p[0] for p in plans]),
+            "hadamard_us": graph_us([p[0] for p in plans]) if len(plans[0]) == 3 else 0.0,
             "weight_us": graph_us([p[-2] for p in plans]),
             "finish_us": graph_us([p[-1] for p in plans]),
             "empty_launch_us": empty_us,
@@ -202,11 +207,11 @@ def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) ->
         print(json.dumps(row), flush=True)
 
 
-def sweep(res: dict, gen: torch.Generator) -> GemvConfig:
+def sweep(res: dict, gen: torch.Generator, input_hadamards: tuple[str, ...]) -> GemvConfig:
     """Time every config of the grid at K=4, batch 1 (each first checked against the reference); the best one."""
     rows = res.setdefault("sweep", [])
     totals: dict[str, float] = {}
-    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG)
+    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG, input_hadamards)
     for cfg in configs:
         try:
             err = config_error(cfg, gen)
@@ -321,6 +326,9 @@ def table(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", action="store_true", help="time launch configs at K=4 first and use the best")
+    ap.add_argument("--sweep-input-hadamard", default="butterfly,dot",
+                    help="in-kernel input Hadamard forms the sweep tries (comma-separated; '' for none): "
+                         "bench/dot_chain_probe.py tells which ones the GPU's Triton compiles correctly")
     ap.add_argument("--quick", action="store_true", help="K in (2, 4) only")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
@@ -340,7 +348,8 @@ def main() -> None:
     if not args.skip_check:
         steps.append(("correctness", lambda: check_correctness(res, gen)))
     if args.sweep:
-        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen))))
+        forms = tuple(f for f in args.sweep_input_hadamard.split(",") if f)
+        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen, forms))))
     steps.append(("breakdown", lambda: launch_breakdown(res, gen, state["cfg"])))
     ks = [2, 4] if args.quick else list(range(1, 9))
     steps.append(("decode", lambda: decode_timings(res, gen, state["cfg"], ks)))

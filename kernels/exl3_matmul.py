@@ -70,18 +70,59 @@ class GemvConfig:
     # Load the next step's trellis words while this step decodes (a register double buffer; the kernel's one stage
     # leaves its loads synchronous otherwise). Timed on an H100: faster only at one wave, slower at the default four.
     prefetch: bool = False
+    # Where the input Hadamard ``(x * suh) H`` is formed: "launch" (its own kernel, xh read by the weight kernel),
+    # "butterfly" (inside the weight kernel, six add/subtract levels per 64-row half) or "dot" (inside, an H64 fp16
+    # dot per half). The in-kernel forms save a launch but repeat the transform in every column block's program.
+    input_hadamard: str = "launch"
 
 
 DEFAULT_CONFIG = GemvConfig()
+INPUT_HADAMARD = {"launch": 0, "butterfly": 1, "dot": 2}
+INV_SQRT128 = tl.constexpr(0.08838834764831845)  # 1/sqrt(128): the orthonormal Hadamard's scale
+
+
+@triton.jit
+def _butterfly_level(v, H: tl.constexpr, BLOCK_M: tl.constexpr):
+    """One Sylvester butterfly level over axis 0 of v [64, BLOCK_M]: rows j and j + H of each 2H-row block become
+    their sum and difference (the pair's axis is moved last so that split/join can reach it)."""
+    v4 = tl.permute(tl.reshape(v, (64 // (2 * H), 2, H, BLOCK_M)), (0, 2, 3, 1))
+    a, b = tl.split(v4)
+    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (64, BLOCK_M))
+
+
+@triton.jit
+def _input_hadamard(x_ptr, suh_ptr, h64_ptr, rows, row_ok, stride_x, n_in, step, BLOCK_M: tl.constexpr,
+                    IN_HAD: tl.constexpr):  # fmt: skip
+    """``((x * suh) H128)^T`` for input rows ``step * 128 ...``, as two fp16 [64, BLOCK_M] halves. H128 is one
+    Sylvester level over H64: with a, b the step's two 64-row halves, the result is H64 (a + b) and H64 (a - b)."""
+    r64 = tl.arange(0, 64)
+    feat_a = step * 128 + r64
+    feat_b = feat_a + 64
+    x_t = x_ptr + rows[None, :] * stride_x
+    a = tl.load(x_t + feat_a[:, None], mask=row_ok[None, :] & (feat_a < n_in)[:, None], other=0.0).to(tl.float32)
+    b = tl.load(x_t + feat_b[:, None], mask=row_ok[None, :] & (feat_b < n_in)[:, None], other=0.0).to(tl.float32)
+    a *= tl.load(suh_ptr + feat_a).to(tl.float32)[:, None] * INV_SQRT128
+    b *= tl.load(suh_ptr + feat_b).to(tl.float32)[:, None] * INV_SQRT128
+    if IN_HAD == 1:
+        xh_a, xh_b = a + b, a - b
+        for level in tl.static_range(6):
+            xh_a = _butterfly_level(xh_a, 1 << level, BLOCK_M)
+            xh_b = _butterfly_level(xh_b, 1 << level, BLOCK_M)
+        return xh_a.to(tl.float16), xh_b.to(tl.float16)
+    h64 = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :]).to(tl.float16)
+    return tl.dot(h64, (a + b).to(tl.float16)).to(tl.float16), tl.dot(h64, (a - b).to(tl.float16)).to(tl.float16)
 
 
 @triton.jit
 def _gemv_kernel(
-    xh_ptr,
+    xh_ptr,  # xh = (x * suh) H, or x itself when IN_HAD forms the transform here
     words_ptr,
     part_ptr,
+    suh_ptr,
+    h64_ptr,
     M,
     n_cols,
+    n_in,
     stride_xh,
     K: tl.constexpr,
     G: tl.constexpr,
@@ -90,6 +131,7 @@ def _gemv_kernel(
     STEPS: tl.constexpr,  # 128-row steps per slice (constexpr: the interpreter cannot loop over a runtime count)
     ASM: tl.constexpr,
     PREFETCH: tl.constexpr,  # load the next step's trellis words before decoding this step's (see GemvConfig)
+    IN_HAD: tl.constexpr,  # INPUT_HADAMARD: 0 reads xh; 1 and 2 form it from x (see GemvConfig.input_hadamard)
 ):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -103,9 +145,13 @@ def _gemv_kernel(
         next_b = tile_words(words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8)
     for i in range(STEPS):
         step = pid_s * STEPS + i
-        xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
-        xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
-        xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
+        if IN_HAD == 0:
+            xh_t = xh_ptr + rows[None, :] * stride_xh + step * 128 + r64[:, None]
+            xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
+            xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
+        else:
+            xh_a, xh_b = _input_hadamard(xh_ptr, suh_ptr, h64_ptr, rows, row_ok, stride_xh, n_in, step, BLOCK_M,
+                                         IN_HAD)  # fmt: skip
         if PREFETCH:
             words_a, words_b = next_a, next_b
             ahead = tl.minimum(step + 1, pid_s * STEPS + STEPS - 1)  # the last step re-reads its own words
@@ -242,13 +288,16 @@ def gemv_launches(
         )
     if cfg.finish_chunk < 1 or cfg.finish_chunk & (cfg.finish_chunk - 1):
         raise ValueError(f"finish_chunk must be a power of two, got {cfg.finish_chunk}")
+    if cfg.input_hadamard not in INPUT_HADAMARD:
+        raise ValueError(f"input_hadamard must be one of {sorted(INPUT_HADAMARD)}, got {cfg.input_hadamard!r}")
+    in_had = INPUT_HADAMARD[cfg.input_hadamard]
     steps = (
         k_steps // cfg.splits if cfg.splits else _steps_per_split(k_steps, cfg.waves * _num_sms(x.device) // col_blocks)
     )
     splits = k_steps // steps  # independent of m: a row's sums never depend on its batch
     chunk = min(cfg.finish_chunk, triton.next_power_of_2(splits))
     h64 = hadamard_signs(HAD_BLOCK // 2, x.device)  # fp32 +-1, for the finish kernel's output Hadamard
-    xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
+    xh = torch.empty((m, k), dtype=torch.float16, device=x.device) if in_had == 0 else x2
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     hadamard = functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh)
@@ -257,8 +306,11 @@ def gemv_launches(
         xh,
         trellis_words(trellis),
         partial,
+        suh,
+        h64,
         m,
         n,
+        x2.shape[1],
         xh.stride(0),
         K=K,
         G=group_size(K),
@@ -267,6 +319,7 @@ def gemv_launches(
         STEPS=steps,
         ASM=use_asm(),
         PREFETCH=cfg.prefetch,
+        IN_HAD=in_had,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -287,7 +340,7 @@ def gemv_launches(
         N_CHUNKS=triton.cdiv(splits, chunk),
         num_warps=cfg.finish_warps,
     )
-    return [hadamard, weight, finish], y
+    return ([hadamard] if in_had == 0 else []) + [weight, finish], y
 
 
 def exl3_gemv(

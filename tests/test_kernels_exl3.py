@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import exl3_ref as ref  # noqa: E402
-from kernels.exl3_matmul import GemvConfig, exl3_gemv, exl3_matmul  # noqa: E402
+from kernels.exl3_matmul import GemvConfig, exl3_gemv, exl3_matmul, gemv_launches  # noqa: E402
 from kernels.exl3_reconstruct import decode_trellis, reconstruct_weight  # noqa: E402
 from kernels.hadamard import hadamard_transform  # noqa: E402
 
@@ -82,6 +82,33 @@ def test_fused_matmul_gives_the_same_result_for_any_tiling(in_pad: int, config: 
     got = exl3_gemv(x, trellis, suh, svh, "mul1", bias, config=config)
     want = ref.exl3_matmul_ref(x, trellis, suh, svh, "mul1", bias)
     assert relative_error(got, want) < 2e-3
+
+
+@pytest.mark.parametrize(
+    ("input_hadamard", "rows", "dtype"),
+    [("butterfly", 3, torch.float16), ("dot", 3, torch.float16), ("butterfly", 20, torch.bfloat16),
+     ("dot", 1, torch.float32)],
+)  # fmt: skip
+def test_the_input_hadamard_formed_inside_the_weight_kernel_matches_the_reference(
+    input_hadamard: str, rows: int, dtype: torch.dtype
+) -> None:
+    trellis, suh, svh = random_layer(1024, OUT_PAD, 4, seed=30)
+    x = torch.randn(rows, 1024 - 64).to(dtype)  # narrower than the layer: the missing features are zeros
+    config = GemvConfig(splits=2, input_hadamard=input_hadamard)
+    launches, _ = gemv_launches(x, trellis, suh, svh, "mul1", config=config)
+    assert len(launches) == 2  # the weight and finish kernels: no separate Hadamard launch
+    got = exl3_gemv(x, trellis, suh, svh, "mul1", config=config)
+    plain = exl3_gemv(x, trellis, suh, svh, "mul1", config=GemvConfig(splits=2))
+    want = ref.exl3_matmul_ref(x.float(), trellis, suh, svh, "mul1")
+    output_rounding = 8e-3 if dtype == torch.bfloat16 else 2e-3  # the output is x's dtype: bf16 keeps 8 bits
+    assert relative_error(got, want) < output_rounding
+    assert relative_error(got, plain) < output_rounding / 2  # both round xh to fp16 once
+
+
+def test_an_unknown_input_hadamard_is_refused() -> None:
+    trellis, suh, svh = random_layer(IN_PAD, OUT_PAD, 4, seed=31)
+    with pytest.raises(ValueError, match="input_hadamard"):
+        exl3_gemv(torch.randn(1, IN_PAD), trellis, suh, svh, "mul1", config=GemvConfig(input_hadamard="fused"))
 
 
 @pytest.mark.parametrize(("K", "codebook"), [(2, "mul1"), (5, "3inst"), (7, "mcg")])  # groups of 8, 4 and 2 states
