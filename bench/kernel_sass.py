@@ -163,25 +163,28 @@ def measure(variant: Variant) -> dict:
 
 
 def compile_exl3_gemv(
-    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool
+    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool, input_hadamard: str = "launch"
 ) -> triton.compiler.CompiledKernel:
     """The fused EXL3 weight kernel (one 128-column block, two 64-row halves per step) for sm_90a, inline PTX on."""
     kernel = exl3_matmul._gemv_kernel
     constants = {
         "K": bits, "G": group_size(bits), "CODEBOOK": CODEBOOK_IDS[codebook], "BLOCK_M": 16 if rows <= 16 else 32,
-        "STEPS": GEMV_STEPS, "ASM": True, "PREFETCH": prefetch,
+        "STEPS": GEMV_STEPS, "ASM": True, "PREFETCH": prefetch, "IN_HAD": exl3_matmul.INPUT_HADAMARD[input_hadamard],
     }  # fmt: skip
-    pointer_types = {"xh_ptr": "*fp16", "words_ptr": "*i32", "part_ptr": "*fp32"}
+    pointer_types = {"xh_ptr": "*fp16" if input_hadamard == "launch" else "*bf16", "words_ptr": "*i32",
+                     "part_ptr": "*fp32", "suh_ptr": "*fp16", "h64_ptr": "*fp32"}  # fmt: skip
     signature = {n: "constexpr" if n in constants else pointer_types.get(n, "i32") for n in kernel.arg_names}
     aligned = [n for n, t in signature.items() if t.startswith("*") or n in ("n_cols", "stride_xh")]
     source = hopper_source(kernel, signature, constants, aligned)
     return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "num_stages": 1})
 
 
-def measure_exl3_gemv(bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool) -> dict:
+def measure_exl3_gemv(
+    bits: int, codebook: str, rows: int, num_warps: int, prefetch: bool, input_hadamard: str = "launch"
+) -> dict:
     """Per 128 x 128 step of the weight kernel: the loop body when the compiler kept the loop, else the whole
     kernel over its steps (an unrolled loop has no backward branch)."""
-    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps, prefetch)
+    compiled = compile_exl3_gemv(bits, codebook, rows, num_warps, prefetch, input_hadamard)
     report, sass = assemble(compiled.asm["ptx"])
     loop = inner_loop(sass)
     per_step = loop if loop else [m.group(2) for m in INSTRUCTION.finditer(sass)]
@@ -216,6 +219,7 @@ def main() -> int:
     parser.add_argument("--codebook", default="mul1", choices=sorted(CODEBOOK_IDS))
     parser.add_argument("--rows", type=int, default=16, help="--exl3-gemv: batch rows (16 or 32 per program)")
     parser.add_argument("--prefetch", type=int_list, default=[0, 1], help="--exl3-gemv: GemvConfig.prefetch")
+    parser.add_argument("--input-hadamard", default="launch", help="--exl3-gemv: GemvConfig.input_hadamard values")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows = []
@@ -228,13 +232,14 @@ def main() -> int:
 
 
 def exl3_gemv_rows(args: argparse.Namespace) -> Iterator[tuple[dict, str]]:
-    for bits, warps, prefetch in product(args.bits, args.warps, args.prefetch):
-        counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch))
-        row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch), **counts}
+    for bits, warps, prefetch, had in product(args.bits, args.warps, args.prefetch, args.input_hadamard.split(",")):
+        counts = measure_exl3_gemv(bits, args.codebook, args.rows, warps, bool(prefetch), had)
+        row = {"bits": bits, "codebook": args.codebook, "warps": warps, "prefetch": bool(prefetch),
+               "input_hadamard": had, **counts}  # fmt: skip
         yield (
             row,
             (
-                f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch}: "
+                f"EXL3 K{bits} {args.codebook} warps {warps} prefetch {prefetch} input Hadamard {had}: "
                 f"{row['instructions_per_weight']:.2f} instructions per weight ({row['integer_ops_per_weight']:.2f} "
                 f"integer), {row['loop_instructions']:.0f} per "
                 f"128 x 128 step, {row['registers']} registers, {row['spill_store_bytes']} B spilled, "
