@@ -144,11 +144,13 @@ def time_bf16(k: int, n: int, m: int) -> float:
     return graph_us([lambda w=w: torch.matmul(x, w) for w in ws])
 
 
-def sweep_configs(base: GemvConfig, input_hadamards: tuple[str, ...] = ("butterfly", "dot")) -> list[GemvConfig]:
+def sweep_configs(
+    base: GemvConfig, input_hadamards: tuple[str, ...] = ("butterfly", "dot"), waves: tuple[int, ...] = (1, 2, 4)
+) -> list[GemvConfig]:
     # prefetch was timed on an H100 (2026-12-07): faster only at one wave; it stays out of the grid
-    grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in (1, 2, 4)]
+    grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in waves]
     fused = [replace(base, waves=wv, num_warps=w, input_hadamard=h)
-             for h in input_hadamards for w in (8, 4) for wv in (2, 4)]  # fmt: skip
+             for h in input_hadamards for w in (8, 4) for wv in waves if wv > 1]  # fmt: skip
     # last: a form that faults poisons the CUDA context for everything after it in this process
     return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)] + fused
 
@@ -207,11 +209,11 @@ def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) ->
         print(json.dumps(row), flush=True)
 
 
-def sweep(res: dict, gen: torch.Generator, input_hadamards: tuple[str, ...]) -> GemvConfig:
+def sweep(res: dict, gen: torch.Generator, input_hadamards: tuple[str, ...], waves: tuple[int, ...]) -> GemvConfig:
     """Time every config of the grid at K=4, batch 1 (each first checked against the reference); the best one."""
     rows = res.setdefault("sweep", [])
     totals: dict[str, float] = {}
-    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG, input_hadamards)
+    configs = sweep_configs(exl3_matmul.DEFAULT_CONFIG, input_hadamards, waves)
     for cfg in configs:
         try:
             err = config_error(cfg, gen)
@@ -329,6 +331,7 @@ def main() -> None:
     ap.add_argument("--sweep-input-hadamard", default="butterfly,dot",
                     help="in-kernel input Hadamard forms the sweep tries (comma-separated; '' for none): "
                          "bench/dot_chain_probe.py tells which ones the GPU's Triton compiles correctly")
+    ap.add_argument("--sweep-waves", default="1,2,4", help="programs per SM the sweep tries (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="K in (2, 4) only")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--no-prefill", action="store_true")
@@ -349,7 +352,8 @@ def main() -> None:
         steps.append(("correctness", lambda: check_correctness(res, gen)))
     if args.sweep:
         forms = tuple(f for f in args.sweep_input_hadamard.split(",") if f)
-        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen, forms))))
+        waves = tuple(int(w) for w in args.sweep_waves.split(","))
+        steps.append(("sweep", lambda: state.__setitem__("cfg", sweep(res, gen, forms, waves))))
     steps.append(("breakdown", lambda: launch_breakdown(res, gen, state["cfg"])))
     ks = [2, 4] if args.quick else list(range(1, 9))
     steps.append(("decode", lambda: decode_timings(res, gen, state["cfg"], ks)))
