@@ -13,6 +13,8 @@ On CUDA, ``attend_paged`` runs the Triton kernel (kernels/paged_attention.py) in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +30,58 @@ def _page_geometry(pages: torch.Tensor | QuantPages) -> tuple[int, int]:
     return data.shape[1], data.shape[2]
 
 
+@dataclass
+class ReferenceLayout:
+    """How a ragged batch maps onto the reference's padded SDPA call: the same for every layer of a forward (only
+    the pages' contents differ), so a forward builds it once (``attend_paged``) instead of once per layer."""
+
+    pages: torch.Tensor  # [B, pages_needed] page ids each sequence's context is gathered from
+    seq_of_token: torch.Tensor  # [T] the sequence each query row belongs to
+    row_in_seq: torch.Tensor  # [T] its row among that sequence's queries
+    mask: torch.Tensor  # [B, 1, max_query, max_context] which keys each padded query row sees
+    num_seqs: int
+    max_query: int
+    max_context: int
+
+
+def reference_layout(
+    block_tables: torch.Tensor,
+    query_lens: list[int],
+    context_lens: list[int],
+    page_size: int,
+    device: torch.device,
+    window: int | None = None,
+) -> ReferenceLayout:
+    """The padded layout of a ragged batch (see ``paged_attention``), its arguments checked."""
+    if len(query_lens) != len(context_lens) or len(query_lens) != block_tables.shape[0]:
+        raise ValueError(
+            f"batch disagrees on its size: {len(query_lens)} query_lens, {len(context_lens)} context_lens, "
+            f"{block_tables.shape[0]} block table rows"
+        )
+    if any(ql < 1 or ql > cl for ql, cl in zip(query_lens, context_lens, strict=True)):
+        raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {query_lens} and {context_lens}")
+    num_seqs, max_query, max_context = len(query_lens), max(query_lens), max(context_lens)
+    pages_needed = -(-max_context // page_size)
+    if block_tables.shape[1] < pages_needed:
+        raise ValueError(f"block_tables has {block_tables.shape[1]} columns; a {max_context}-token context needs more")
+    num_tokens = sum(query_lens)
+    q_lens = torch.tensor(query_lens, device=device)
+    ctx_lens = torch.tensor(context_lens, device=device)
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
+    first_token = torch.cumsum(q_lens, 0) - q_lens
+    row_in_seq = torch.arange(num_tokens, device=device) - first_token[seq_of_token]
+    # Query row i of sequence b sits at position context - query_len + i and sees keys at positions <= its own.
+    # Padding rows sit past the context, see every real key (no all-masked row, so no NaN) and are dropped later.
+    query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_query, device=device)[None, :]
+    key_pos = torch.arange(max_context, device=device)
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
+    if window is not None:  # padding rows keep the last real row's window, so none is fully masked
+        newest = torch.minimum(query_pos, (ctx_lens - 1)[:, None])
+        mask &= key_pos[None, None, :] > newest[:, :, None] - window
+    pages = block_tables[:, :pages_needed].to(device)
+    return ReferenceLayout(pages, seq_of_token, row_in_seq, mask[:, None], num_seqs, max_query, max_context)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor | QuantPages,
@@ -37,6 +91,7 @@ def paged_attention(
     context_lens: list[int],
     scale: float | None = None,
     window: int | None = None,
+    layout: ReferenceLayout | None = None,
 ) -> torch.Tensor:
     """Causal attention of q [T, heads, head_dim] over paged K/V [pages, page_size, kv_heads, head_dim] (tensors,
     or ``QuantPages`` of that geometry).
@@ -44,7 +99,8 @@ def paged_attention(
     Sequence b owns the next ``query_lens[b]`` rows of q, which are the last tokens of its ``context_lens[b]``-token
     context; its context lives in pages ``block_tables[b, :]``. Returns [T, heads, head_dim] in q's dtype.
     ``window`` (sliding-window attention, e.g. Mistral): a query sees only the ``window`` latest positions, its own
-    included; None sees the whole context.
+    included; None sees the whole context. ``layout``: ``reference_layout`` of these arguments, when the caller
+    already has it (every layer of a forward shares one).
     """
     num_tokens, num_heads, head_dim = q.shape
     page_size, num_kv_heads = _page_geometry(k_pages)
@@ -52,62 +108,35 @@ def paged_attention(
         raise ValueError(f"k and v pages disagree: {_page_geometry(k_pages)} vs {_page_geometry(v_pages)}")
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads cannot share {num_kv_heads} kv heads evenly")
-    if len(query_lens) != len(context_lens) or len(query_lens) != block_tables.shape[0]:
-        raise ValueError(
-            f"batch disagrees on its size: {len(query_lens)} query_lens, {len(context_lens)} context_lens, "
-            f"{block_tables.shape[0]} block table rows"
-        )
     if sum(query_lens) != num_tokens:
         raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {num_tokens} tokens")
-    if any(ql < 1 or ql > cl for ql, cl in zip(query_lens, context_lens, strict=True)):
-        raise ValueError(f"each sequence needs 1 <= query_len <= context_len, got {query_lens} and {context_lens}")
-    num_seqs, max_query, max_context = len(query_lens), max(query_lens), max(context_lens)
-    pages_needed = -(-max_context // page_size)
-    if block_tables.shape[1] < pages_needed:
-        raise ValueError(f"block_tables has {block_tables.shape[1]} columns; a {max_context}-token context needs more")
-    device = q.device
+    if layout is None:
+        layout = reference_layout(block_tables, query_lens, context_lens, page_size, q.device, window)
+    num_seqs, pages = layout.num_seqs, layout.pages
 
     # Gather each sequence's pages into one contiguous, padded context: [B, kv_heads, max_context, head_dim].
-    pages = block_tables[:, :pages_needed].to(device)
-
     def gather(cache_pages: torch.Tensor | QuantPages) -> torch.Tensor:
         def contexts(t: torch.Tensor) -> torch.Tensor:
-            return t[pages].reshape(num_seqs, pages_needed * page_size, num_kv_heads, -1)[:, :max_context]
+            return t[pages].reshape(num_seqs, pages.shape[1] * page_size, num_kv_heads, -1)[:, : layout.max_context]
 
         if isinstance(cache_pages, QuantPages):  # dequantized, still rotated
             codes, scales = contexts(cache_pages.codes), contexts(cache_pages.scales)
             ctx = kv_quant_ref.dequantize_ref(codes, scales, cache_pages.bits, rotated=True)
         else:
             ctx = contexts(cache_pages)
-        ctx = ctx.transpose(1, 2).to(q.dtype)
-        return ctx.repeat_interleave(num_heads // num_kv_heads, dim=1)  # GQA: head h reads kv head h // group
+        return ctx.transpose(1, 2).to(q.dtype)
 
     keys, values = gather(k_pages), gather(v_pages)
     if isinstance(k_pages, QuantPages):
         q = kv_quant_ref.rotate_groups(q).to(q.dtype)  # q . k = Hq . Hk: rotate the query, not every key
 
     # Scatter the ragged queries into [B, heads, max_query, head_dim].
-    q_lens = torch.tensor(query_lens, device=device)
-    ctx_lens = torch.tensor(context_lens, device=device)
-    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)
-    first_token = torch.cumsum(q_lens, 0) - q_lens
-    row_in_seq = torch.arange(num_tokens, device=device) - first_token[seq_of_token]
-    padded_q = q.new_zeros(num_seqs, max_query, num_heads, head_dim)
-    padded_q[seq_of_token, row_in_seq] = q
-
-    # Query row i of sequence b sits at position context - query_len + i and sees keys at positions <= its own.
-    # Padding rows sit past the context, see every real key (no all-masked row, so no NaN) and are dropped below.
-    query_pos = (ctx_lens - q_lens)[:, None] + torch.arange(max_query, device=device)[None, :]
-    key_pos = torch.arange(max_context, device=device)
-    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (key_pos[None, None, :] < ctx_lens[:, None, None])
-    if window is not None:  # padding rows keep the last real row's window, so none is fully masked
-        newest = torch.minimum(query_pos, (ctx_lens - 1)[:, None])
-        mask &= key_pos[None, None, :] > newest[:, :, None] - window
-
+    padded_q = q.new_zeros(num_seqs, layout.max_query, num_heads, head_dim)
+    padded_q[layout.seq_of_token, layout.row_in_seq] = q
     out = F.scaled_dot_product_attention(
-        padded_q.transpose(1, 2), keys, values, attn_mask=mask[:, None], scale=scale
-    )  # [B, heads, max_query, head_dim]
-    out = out.transpose(1, 2)[seq_of_token, row_in_seq]
+        padded_q.transpose(1, 2), keys, values, attn_mask=layout.mask, scale=scale, enable_gqa=True
+    )  # [B, heads, max_query, head_dim]; GQA: head h reads kv head h // (heads / kv_heads)
+    out = out.transpose(1, 2)[layout.seq_of_token, layout.row_in_seq]
     if isinstance(v_pages, QuantPages):
         out = kv_quant_ref.rotate_groups(out).to(q.dtype)  # values were summed rotated: undo it once
     return out
@@ -133,8 +162,16 @@ def attend_paged(
         s = cache.key_scales[layer]
         q = (q.reshape(t, s.shape[0], heads // s.shape[0], dim) * s[None, :, None, :]).reshape(t, heads, dim)
     if q.device.type != "cuda":
+        # every layer of a forward shares the layout (one per window and page size): build it once per batch
+        layouts = batch.__dict__.setdefault("_reference_layouts", {})
+        key = (window, _page_geometry(k_pages)[0])
+        if key not in layouts:
+            layouts[key] = reference_layout(
+                batch.block_tables, batch.query_lens, batch.context_lens, key[1], q.device, window
+            )
         return paged_attention(
-            q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window
+            q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window,
+            layout=layouts[key],
         )
     from kernels import paged_attention as triton_attention  # triton compiles only where it runs
 

@@ -20,6 +20,10 @@ sizes, and the input Hadamard computed inside the weight kernel passed the inter
 a tf32 ``tl.dot`` feeding the weight ``tl.dot`` (out-of-bounds reads at 8 warps, wrong sums at 4), and as two
 64 x 64 fp16 dots per step (Sylvester split) whose results reached the weight dot in registers or through a
 per-program scratch line (non-finite outputs at 8 warps, illegal addresses at 4). See BENCHMARKS.md.
+``GemvConfig.input_hadamard`` keeps two in-kernel forms as options, off by default until a GPU has run them: six
+butterfly levels of adds per 64-row half (no dot at all), and one H64 fp16 dot per half feeding the weight dot.
+Both compile for sm_90a without spills (bench/kernel_sass.py) and match the reference in the interpreter;
+bench/dot_chain_probe.py and bench/exl3_kernels.py --sweep check them on the GPU before timing.
 
 Large batches (prefill) rebuild the dense weight once (``reconstruct_weight``) and use the library matmul.
 """
