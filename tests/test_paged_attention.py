@@ -142,6 +142,20 @@ def test_paged_attention_equals_dense_causal_sdpa_on_ragged_batches(
     torch.testing.assert_close(out, batch.expected(), atol=1e-5, rtol=1e-5)
 
 
+def test_the_cpu_path_lays_a_batch_out_once_for_every_layer() -> None:
+    # the padded layout (page ids, query rows, mask) depends on the batch, not the layer: the second layer of a
+    # forward reuses the first one's, and a layer with a sliding window gets its own
+    batch = RaggedBatch(SHAPES, 9, 3, 16, 16, seed=5)
+    forward = batch.forward_batch()
+    first = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward)
+    (layout,) = forward._reference_layouts.values()
+    again = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward)
+    assert forward._reference_layouts == {(None, 16): layout} and torch.equal(again, first)
+    attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward, window=8)
+    assert set(forward._reference_layouts) == {(None, 16), (8, 16)}
+    torch.testing.assert_close(first, batch.expected(), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kv_bits", [(4, 4), (2, 8), (8, None), (None, 3)])
 @pytest.mark.parametrize(("num_heads", "num_kv_heads", "head_dim"), [(9, 3, 64), (32, 8, 128)])
 def test_attention_over_quantized_pages_equals_dense_sdpa_over_the_dequantized_keys_and_values(
