@@ -33,6 +33,29 @@ def one_ended_one_running(engine: Engine, prompt: list[int]) -> None:
     raise AssertionError("the short request did not end")
 
 
+def idle_after_one_request(engine: Engine, prompt: list[int]) -> None:
+    """Run one short request to its end: nothing runs afterwards, and its prompt step has been timed."""
+    engine.add_request(GenerationRequest("only", "m", prompt, greedy(2)))
+    while engine.has_work():
+        engine.step()
+
+
+def successors_after(gap: float) -> SuccessorClock:
+    """A clock whose history is eight ends, each followed by its successor ``gap`` seconds later."""
+    clock = SuccessorClock()
+    for i in range(8):
+        clock.ended(float(i), 1)
+        clock.arrived(i + gap)
+    return clock
+
+
+def timed_linger(engine: Engine) -> float:
+    """Seconds ``engine.linger()`` waited."""
+    started = time.monotonic()
+    engine.linger()
+    return time.monotonic() - started
+
+
 def test_linger_returns_when_the_successor_arrives(loaded) -> None:  # noqa: F811
     engine = make_engine(loaded, admit_linger_s=5.0)
     prompt = loaded[2].tokenizer.encode("Hello there").ids
@@ -102,13 +125,9 @@ def test_with_nothing_running_the_wait_may_be_a_larger_share_of_a_step(loaded) -
     # nobody's inter-token time is at stake, and a successor that misses the step waits all of it
     engine = make_engine(loaded, admit_linger_s=5.0)
     prompt = loaded[2].tokenizer.encode("Hello there").ids
-    engine.add_request(GenerationRequest("only", "m", prompt, greedy(2)))
-    while engine.has_work():
-        engine.step()
+    idle_after_one_request(engine, prompt)
     engine._last_step_s = 2.0
-    started = time.monotonic()
-    engine.linger()  # nobody comes
-    waited = time.monotonic() - started
+    waited = timed_linger(engine)  # nobody comes
     assert ADMIT_LINGER_IDLE_FRACTION > 2 * ADMIT_LINGER_STEP_FRACTION
     assert 0.9 * ADMIT_LINGER_IDLE_FRACTION * 2.0 <= waited < 2 * ADMIT_LINGER_IDLE_FRACTION * 2.0, waited
 
@@ -116,21 +135,13 @@ def test_with_nothing_running_the_wait_may_be_a_larger_share_of_a_step(loaded) -
 def test_when_successors_usually_come_the_wait_covers_their_gap(loaded) -> None:  # noqa: F811
     engine = make_engine(loaded, admit_linger_s=5.0)
     one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
-    clock = SuccessorClock()  # a history of ends followed by arrivals 0.2 s later
-    for i in range(8):
-        clock.ended(float(i), 1)
-        clock.arrived(i + 0.2)
-    engine.successors = clock
+    engine.successors = successors_after(0.2)
     engine._last_step_s = 2.0  # 5 % of a step: 0.1 s; the usual gap with its margin: 0.25 s
-    started = time.monotonic()
-    engine.linger()  # nobody comes this time
-    waited = time.monotonic() - started
+    waited = timed_linger(engine)  # nobody comes this time
     assert 0.9 * 0.25 <= waited < 0.4, waited
     one_ended_one_running(engine, loaded[2].tokenizer.encode("Hello there").ids)
     engine._last_step_s = 1.0  # the gap (0.25 s) is more than 20 % of this step: waiting for it does not pay
-    started = time.monotonic()
-    engine.linger()
-    waited = time.monotonic() - started
+    waited = timed_linger(engine)
     assert waited < 0.9 * 0.25, waited
 
 
@@ -140,22 +151,14 @@ def test_with_nothing_running_the_gap_is_weighed_against_the_prompt_step(loaded)
     # ended them, is what the wait is weighed against
     engine = make_engine(loaded, admit_linger_s=5.0)
     prompt = loaded[2].tokenizer.encode("Hello there").ids
-    engine.add_request(GenerationRequest("only", "m", prompt, greedy(2)))
-    while engine.has_work():
-        engine.step()
+    idle_after_one_request(engine, prompt)
     assert engine._last_prompt_step_s > 0  # its prompt step was timed
-    clock = SuccessorClock()  # successors usually come 0.2 s after an end: 0.25 s with the margin
-    for i in range(8):
-        clock.ended(float(i), 1)
-        clock.arrived(i + 0.2)
-    engine.successors = clock
+    engine.successors = successors_after(0.2)  # 0.25 s with the margin
     for prompt_step_s, expected in ((0.8, 0.25), (0.4, 0.25 * 0.4)):
         engine._freed_seqs = 2
         engine._last_step_s = 0.1  # the decode step that ended them: the gap is far more than a share of it
         engine._last_prompt_step_s = prompt_step_s  # 0.25 s is within half of 0.8 s but not of 0.4 s
-        started = time.monotonic()
-        engine.linger()  # nobody comes
-        waited = time.monotonic() - started
+        waited = timed_linger(engine)  # nobody comes
         assert 0.9 * expected <= waited < expected + 0.1, (prompt_step_s, waited)
     assert ADMIT_LINGER_MAX_FRACTION == 0.5 and ADMIT_LINGER_IDLE_FRACTION == 0.25
 
@@ -165,18 +168,12 @@ def test_when_ends_are_rare_the_wait_may_cover_a_longer_gap(loaded) -> None:  # 
     # a step slows them by 2.5 % on average, within ADMIT_LINGER_AMORTIZED_SHARE; when every step does, it would not
     engine = make_engine(loaded, admit_linger_s=5.0)
     prompt = loaded[2].tokenizer.encode("Hello there").ids
-    clock = SuccessorClock()  # successors usually come 0.2 s after an end: 0.25 s with the margin
-    for i in range(8):
-        clock.ended(float(i), 1)
-        clock.arrived(i + 0.2)
-    engine.successors = clock
+    engine.successors = successors_after(0.2)  # 0.25 s with the margin
     for ending_steps, expected in ((0.1, 0.25), (1.0, 0.05)):
         one_ended_one_running(engine, prompt)
         engine._ending_steps = ending_steps
         engine._last_step_s = 1.0  # the gap is 25 % of this step, over ADMIT_LINGER_EXPECTED_FRACTION
-        started = time.monotonic()
-        engine.linger()  # nobody comes
-        waited = time.monotonic() - started
+        waited = timed_linger(engine)  # nobody comes
         assert 0.9 * expected <= waited < expected + 0.15, (ending_steps, waited)
         engine.abort("long")
         while engine.has_work():
