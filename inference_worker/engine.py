@@ -382,10 +382,10 @@ class Engine:
                     self.metrics.request_queue_time.observe(now - r.arrival)
             self._forward_and_sample(plan, events)
             self._last_step_s = time.perf_counter() - started
-            steady = self._num_graphs() == graphs_before if self.planner is not None else True
+            steady = self.planner is None or self._num_graphs() == graphs_before  # a capture is no steady cost
             if not _decode_only(plan) and steady:
                 self._last_prompt_step_s = self._last_step_s
-            if self.planner is not None and steady:  # a capture is no steady cost
+            if self.planner is not None and steady:
                 self._time_decode_step(plan, drafts, self._last_step_s)
         self._update_gauges()
         return events
