@@ -32,10 +32,11 @@ def _page_geometry(pages: torch.Tensor | QuantPages) -> tuple[int, int]:
 
 @dataclass
 class ReferenceLayout:
-    """How a ragged batch maps onto the reference's padded SDPA call: the same for every layer of a forward (only
-    the pages' contents differ), so a forward builds it once (``attend_paged``) instead of once per layer."""
+    """How a ragged batch's query rows map onto the reference's padded SDPA call: the same for every layer of a
+    forward (only the pages' contents differ), so a forward builds it once (``attend_paged``), not once per layer.
+    It depends on the query and context lengths only; the block tables are read at each call."""
 
-    pages: torch.Tensor  # [B, pages_needed] page ids each sequence's context is gathered from
+    pages_needed: int  # block table columns a context spans
     seq_of_token: torch.Tensor  # [T] the sequence each query row belongs to
     row_in_seq: torch.Tensor  # [T] its row among that sequence's queries
     mask: torch.Tensor  # [B, 1, max_query, max_context] which keys each padded query row sees
@@ -78,8 +79,7 @@ def reference_layout(
     if window is not None:  # padding rows keep the last real row's window, so none is fully masked
         newest = torch.minimum(query_pos, (ctx_lens - 1)[:, None])
         mask &= key_pos[None, None, :] > newest[:, :, None] - window
-    pages = block_tables[:, :pages_needed].to(device)
-    return ReferenceLayout(pages, seq_of_token, row_in_seq, mask[:, None], num_seqs, max_query, max_context)
+    return ReferenceLayout(pages_needed, seq_of_token, row_in_seq, mask[:, None], num_seqs, max_query, max_context)
 
 
 def paged_attention(
@@ -112,12 +112,13 @@ def paged_attention(
         raise ValueError(f"query_lens sum to {sum(query_lens)} but q has {num_tokens} tokens")
     if layout is None:
         layout = reference_layout(block_tables, query_lens, context_lens, page_size, q.device, window)
-    num_seqs, pages = layout.num_seqs, layout.pages
+    num_seqs, pages = layout.num_seqs, block_tables[:, : layout.pages_needed].to(q.device)
+    padded_len = layout.pages_needed * page_size
 
     # Gather each sequence's pages into one contiguous, padded context: [B, kv_heads, max_context, head_dim].
     def gather(cache_pages: torch.Tensor | QuantPages) -> torch.Tensor:
         def contexts(t: torch.Tensor) -> torch.Tensor:
-            return t[pages].reshape(num_seqs, pages.shape[1] * page_size, num_kv_heads, -1)[:, : layout.max_context]
+            return t[pages].reshape(num_seqs, padded_len, num_kv_heads, -1)[:, : layout.max_context]
 
         if isinstance(cache_pages, QuantPages):  # dequantized, still rotated
             codes, scales = contexts(cache_pages.codes), contexts(cache_pages.scales)
@@ -142,6 +143,22 @@ def paged_attention(
     return out
 
 
+def _shared_layout(batch: ForwardBatch, page_size: int, window: int | None, device: torch.device) -> ReferenceLayout:
+    """The batch's reference layout, built by the first layer that needs it (one per window and page size). A
+    batch whose buffers are refilled step after step (inference_worker/cuda_graphs.py without capture) changes its
+    lengths in place: the layouts are kept only while the lengths they were built for last."""
+    lengths = (tuple(batch.query_lens), tuple(batch.context_lens))
+    cached = batch.__dict__.get("_reference_layouts")
+    if cached is None or cached[0] != lengths:
+        cached = batch._reference_layouts = (lengths, {})  # type: ignore[attr-defined]
+    layouts = cached[1]
+    if (window, page_size) not in layouts:
+        layouts[window, page_size] = reference_layout(
+            batch.block_tables, batch.query_lens, batch.context_lens, page_size, device, window
+        )
+    return layouts[window, page_size]
+
+
 def attend_paged(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,16 +179,9 @@ def attend_paged(
         s = cache.key_scales[layer]
         q = (q.reshape(t, s.shape[0], heads // s.shape[0], dim) * s[None, :, None, :]).reshape(t, heads, dim)
     if q.device.type != "cuda":
-        # every layer of a forward shares the layout (one per window and page size): build it once per batch
-        layouts = batch.__dict__.setdefault("_reference_layouts", {})
-        key = (window, _page_geometry(k_pages)[0])
-        if key not in layouts:
-            layouts[key] = reference_layout(
-                batch.block_tables, batch.query_lens, batch.context_lens, key[1], q.device, window
-            )
         return paged_attention(
             q, k_pages, v_pages, batch.block_tables, batch.query_lens, batch.context_lens, scale, window,
-            layout=layouts[key],
+            layout=_shared_layout(batch, _page_geometry(k_pages)[0], window, q.device),
         )
     from kernels import paged_attention as triton_attention  # triton compiles only where it runs
 

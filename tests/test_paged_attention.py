@@ -148,12 +148,29 @@ def test_the_cpu_path_lays_a_batch_out_once_for_every_layer() -> None:
     batch = RaggedBatch(SHAPES, 9, 3, 16, 16, seed=5)
     forward = batch.forward_batch()
     first = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward)
-    (layout,) = forward._reference_layouts.values()
+    (layout,) = forward._reference_layouts[1].values()
     again = attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward)
-    assert forward._reference_layouts == {(None, 16): layout} and torch.equal(again, first)
+    assert forward._reference_layouts[1] == {(None, 16): layout} and torch.equal(again, first)
     attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward, window=8)
-    assert set(forward._reference_layouts) == {(None, 16), (8, 16)}
+    assert set(forward._reference_layouts[1]) == {(None, 16), (8, 16)}
     torch.testing.assert_close(first, batch.expected(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_refilled_in_place_gets_a_fresh_layout() -> None:
+    # graph buffers run without capture (inference_worker/cuda_graphs.py on the CPU) keep one batch object and
+    # rewrite its lengths every step: a layout built for the old lengths must not be used for the new ones
+    batch = RaggedBatch(SHAPES, 9, 3, 16, 16, seed=6)
+    forward = batch.forward_batch()
+    attend_paged(batch.new(0), batch.new(1), batch.new(2), batch.cache, 0, forward)
+    shorter = [c - 1 if q == 1 and c > 1 else c for q, c in zip(forward.query_lens, forward.context_lens, strict=True)]
+    assert shorter != forward.context_lens  # the one-query sequences see one key fewer
+    forward.context_lens[:] = shorter
+    q = batch.new(0)
+    out = attend_paged(q, batch.new(1), batch.new(2), batch.cache, 0, forward)
+    (layout,) = forward._reference_layouts[1].values()
+    assert forward._reference_layouts[0][1] == tuple(shorter) and layout.max_context == max(shorter)
+    want = paged_attention(q, batch.cache.k[0], batch.cache.v[0], forward.block_tables, forward.query_lens, shorter)
+    torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("kv_bits", [(4, 4), (2, 8), (8, None), (None, 3)])
