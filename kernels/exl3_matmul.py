@@ -95,10 +95,11 @@ def _butterfly_level(v, H: tl.constexpr, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _input_hadamard(x_ptr, suh_ptr, h64_ptr, rows, row_ok, stride_x, n_in, step, BLOCK_M: tl.constexpr,
+def _input_hadamard(x_ptr, suh_ptr, h64, rows, row_ok, stride_x, n_in, step, BLOCK_M: tl.constexpr,
                     IN_HAD: tl.constexpr):  # fmt: skip
     """``((x * suh) H128)^T`` for input rows ``step * 128 ...``, as two fp16 [64, BLOCK_M] halves. H128 is one
-    Sylvester level over H64: with a, b the step's two 64-row halves, the result is H64 (a + b) and H64 (a - b)."""
+    Sylvester level over H64: with a, b the step's two 64-row halves, the result is H64 (a + b) and H64 (a - b).
+    ``h64``: the fp16 H64 tile, loaded once per program (read only by the dot form)."""
     r64 = tl.arange(0, 64)
     feat_a = step * 128 + r64
     feat_b = feat_a + 64
@@ -113,7 +114,6 @@ def _input_hadamard(x_ptr, suh_ptr, h64_ptr, rows, row_ok, stride_x, n_in, step,
             xh_a = _butterfly_level(xh_a, 1 << level, BLOCK_M)
             xh_b = _butterfly_level(xh_b, 1 << level, BLOCK_M)
         return xh_a.to(tl.float16), xh_b.to(tl.float16)
-    h64 = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :]).to(tl.float16)
     return tl.dot(h64, (a + b).to(tl.float16)).to(tl.float16), tl.dot(h64, (a - b).to(tl.float16)).to(tl.float16)
 
 
@@ -144,6 +144,9 @@ def _gemv_kernel(
     row_ok = rows < M
     tiles_per_row = n_cols // 16
     acc = tl.zeros((128, BLOCK_M), dtype=tl.float32)  # (W^T xh^T) for this program's 128 columns
+    h64 = tl.zeros((64, 64), dtype=tl.float16)  # the dot form's Hadamard operand, loaded once, before the loop
+    if IN_HAD == 2:
+        h64 = tl.load(h64_ptr + r64[:, None] * 64 + r64[None, :]).to(tl.float16)
     if PREFETCH:  # this step's two halves' words, loaded one step ahead
         next_a = tile_words(words_ptr, pid_s * STEPS * 8, pid_n * 8, tiles_per_row, K, G, 4, 8)
         next_b = tile_words(words_ptr, pid_s * STEPS * 8 + 4, pid_n * 8, tiles_per_row, K, G, 4, 8)
@@ -154,7 +157,7 @@ def _gemv_kernel(
             xh_a = tl.load(xh_t, mask=row_ok[None, :], other=0.0)
             xh_b = tl.load(xh_t + 64, mask=row_ok[None, :], other=0.0)
         else:
-            xh_a, xh_b = _input_hadamard(xh_ptr, suh_ptr, h64_ptr, rows, row_ok, stride_xh, n_in, step, BLOCK_M,
+            xh_a, xh_b = _input_hadamard(xh_ptr, suh_ptr, h64, rows, row_ok, stride_xh, n_in, step, BLOCK_M,
                                          IN_HAD)  # fmt: skip
         if PREFETCH:
             words_a, words_b = next_a, next_b
@@ -301,10 +304,14 @@ def gemv_launches(
     splits = k_steps // steps  # independent of m: a row's sums never depend on its batch
     chunk = min(cfg.finish_chunk, triton.next_power_of_2(splits))
     h64 = hadamard_signs(HAD_BLOCK // 2, x.device)  # fp32 +-1, for the finish kernel's output Hadamard
-    xh = torch.empty((m, k), dtype=torch.float16, device=x.device) if in_had == 0 else x2
+    launches: list[Callable[[], None]] = []
+    if in_had == 0:
+        xh = torch.empty((m, k), dtype=torch.float16, device=x.device)
+        launches.append(functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh))
+    else:
+        xh = x2  # the weight kernel forms (x * suh) H itself
     partial = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    hadamard = functools.partial(hadamard_transform, x2, scale_in=suh, out_features=k, out=xh)
     weight = functools.partial(
         _gemv_kernel[(col_blocks, splits)],
         xh,
@@ -344,7 +351,7 @@ def gemv_launches(
         N_CHUNKS=triton.cdiv(splits, chunk),
         num_warps=cfg.finish_warps,
     )
-    return ([hadamard] if in_had == 0 else []) + [weight, finish], y
+    return [*launches, weight, finish], y
 
 
 def exl3_gemv(
