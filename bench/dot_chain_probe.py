@@ -39,6 +39,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kernels import exl3_ref as ref  # noqa: E402
+from kernels.exl3_matmul import INV_SQRT128, _butterfly_level  # noqa: E402
 from kernels.exl3_reconstruct import decode_tiles, group_size, trellis_words, use_asm  # noqa: E402
 from kernels.hadamard import hadamard_signs  # noqa: E402
 
@@ -51,24 +52,6 @@ FORMS = {
     5: "H64 dot alone, stored",
     6: "butterfly H64 (reshape, split, join), no dot",
 }
-INV_SQRT128 = tl.constexpr(0.08838834764831845)  # 1/sqrt(128)
-
-
-@triton.jit
-def _butterfly_stage(v, H: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One Sylvester butterfly level over axis 0 of v [64, BLOCK_M]: rows j and j + H of each 2H block become their
-    sum and difference."""
-    v4 = tl.permute(tl.reshape(v, (64 // (2 * H), 2, H, BLOCK_M)), (0, 2, 3, 1))  # the pair's axis last
-    a, b = tl.split(v4)
-    return tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 3, 1, 2)), (64, BLOCK_M))
-
-
-@triton.jit
-def _butterfly64(v, BLOCK_M: tl.constexpr):
-    """H64 v over axis 0 (Sylvester order, unnormalized) in six butterfly levels: 6 x 64 adds per column."""
-    for h in tl.static_range(6):
-        v = _butterfly_stage(v, 1 << h, BLOCK_M)
-    return v
 
 
 @triton.jit
@@ -79,7 +62,9 @@ def _hadamard_half(s, h64, scratch, rows, r64, BLOCK_M: tl.constexpr, FORM: tl.c
     elif FORM == 4:
         out = tl.sum(h64.to(tl.float32)[:, :, None] * s[None, :, :], axis=1).to(tl.float16)
     elif FORM == 6:
-        out = _butterfly64(s, BLOCK_M).to(tl.float16)
+        for level in tl.static_range(6):  # the shipped kernel's butterfly (GemvConfig.input_hadamard="butterfly")
+            s = _butterfly_level(s, 1 << level, BLOCK_M)
+        out = s.to(tl.float16)
     else:
         out = tl.dot(h64, s.to(tl.float16)).to(tl.float16)
         if FORM == 3:

@@ -8,7 +8,7 @@ import os
 import sys
 
 os.environ["TRITON_INTERPRET"] = "1"  # must precede the @triton.jit decorators: kernels then run on CPU tensors
-for _name in ("kernels.hadamard", "kernels.exl3_reconstruct", "bench.dot_chain_probe"):
+for _name in ("kernels.hadamard", "kernels.exl3_reconstruct", "kernels.exl3_matmul", "bench.dot_chain_probe"):
     if _name in sys.modules:  # imported earlier in this process without the interpreter: decorate again
         importlib.reload(sys.modules[_name])
 
