@@ -29,7 +29,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared import names, wire  # noqa: E402
+from bench.serving import done_timings  # noqa: E402
 from shared.redis_server import free_port, start_redis_server  # noqa: E402
 from shared.settings import DEFAULT_MODEL_ID, load_settings  # noqa: E402
 from tests.suite import running_suite  # noqa: E402
@@ -72,8 +72,9 @@ def main() -> int:
             with running_suite(url, models_dir, DEFAULT_MODEL_ID, Path(tmp)) as base:
                 for i in range(args.requests + 1):  # the first one warms up
                     request_id, client_ttft = first_content_seconds(base, chat(i, args.max_tokens))
-                    events = [wire.unpack(f[names.PAYLOAD_FIELD]) for _, f in r.xrange(names.output_stream(request_id))]
-                    timings = next(e for e in events if e["type"] == "done")["timings"]
+                    timings = done_timings(r, request_id)
+                    if timings is None:
+                        raise RuntimeError(f"{request_id}: its worker left no done event")
                     if i:
                         rows.append((timings["queue_s"], timings["ttft_s"] - timings["queue_s"],
                                      client_ttft - timings["ttft_s"], client_ttft))

@@ -150,21 +150,28 @@ async def run_http(base: str, model: str, n: int, max_tokens: int, concurrency: 
         return list(results), time.perf_counter() - t0
 
 
+def done_timings(client, request_id: str) -> dict | None:
+    """The timings of the final ``done`` event a worker left in ``out:{request_id}`` (a synchronous redis client),
+    None when there is none (yet)."""
+    from shared import names, wire
+
+    for _entry, fields in client.xrange(names.output_stream(request_id)):
+        event = wire.unpack(fields[names.PAYLOAD_FIELD])
+        if event.get("type") == "done":
+            return event["timings"]
+    return None
+
+
 def read_engine_timings(redis_url: str, results: list[Result]) -> None:
     """Fill each served result's engine split from the final event its worker left in ``out:{request_id}``."""
     import redis
 
-    from shared import names, wire
-
     client = redis.Redis.from_url(redis_url)
     try:
         for res in results:
-            if not res.request_id:
-                continue
-            for _entry, fields in client.xrange(names.output_stream(res.request_id)):
-                event = wire.unpack(fields[names.PAYLOAD_FIELD])
-                if event.get("type") == "done":
-                    res.take_timings(event["timings"])
+            timings = done_timings(client, res.request_id) if res.request_id else None
+            if timings is not None:
+                res.take_timings(timings)
     finally:
         client.close()
 
