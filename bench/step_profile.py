@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.e2e_decode import sync  # noqa: E402
 from inference_worker.engine import Engine  # noqa: E402
 from shared.default_model import ensure_default_model  # noqa: E402
 from shared.settings import DEFAULT_MODEL_ID, load_settings  # noqa: E402
@@ -33,11 +34,6 @@ from shared.wire import GenerationRequest, SamplingParams  # noqa: E402
 
 QUESTIONS = ["Explain why the sky is blue.", "Write a haiku about autumn.", "List three uses of a paperclip.",
              "What is the difference between weather and climate?"]
-
-
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class StepTimer:
@@ -57,10 +53,10 @@ class StepTimer:
             self.count += 1
 
     def step(self) -> float:
-        synchronize()
+        sync(self.engine.device)
         start = time.perf_counter()
         self.engine.step()
-        synchronize()
+        sync(self.engine.device)
         return time.perf_counter() - start
 
     def run(self, n: int) -> tuple[float, list[float]]:
