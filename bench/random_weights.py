@@ -17,23 +17,20 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from shared.model_dir import TensorSource  # noqa: E402
 
 SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
 
 
 def spec(model_dir: Path) -> dict[str, dict]:
-    out = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                t = f.get_slice(name)
-                out[name] = {"shape": list(t.get_shape()), "dtype": t.get_dtype()}
-    return out
-
-
-DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    """Every tensor's shape and dtype, read the way the worker reads the directory (sharded or not)."""
+    with TensorSource(model_dir) as source:
+        return {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                for name in source.keys() for t in [source.get(name)]}  # fmt: skip
 
 
 def write(spec_path: Path, from_dir: Path, out_dir: Path) -> None:
@@ -46,9 +43,9 @@ def write(spec_path: Path, from_dir: Path, out_dir: Path) -> None:
     weights = {}
     for name, t in tensors.items():
         if name.endswith("norm.weight"):
-            weights[name] = torch.ones(t["shape"], dtype=DTYPES[t["dtype"]])
+            weights[name] = torch.ones(t["shape"], dtype=getattr(torch, t["dtype"]))
         else:
-            weights[name] = (0.02 * torch.randn(t["shape"], generator=gen)).to(DTYPES[t["dtype"]])
+            weights[name] = (0.02 * torch.randn(t["shape"], generator=gen)).to(getattr(torch, t["dtype"]))
     save_file(weights, str(out_dir / "model.safetensors"))
 
 
