@@ -150,7 +150,7 @@ def sweep_configs(
     # prefetch was timed on an H100 (2026-12-07): faster only at one wave; it stays out of the grid
     grid = [replace(base, waves=wv, num_warps=w) for w in (8, 4) for wv in waves]
     fused = [replace(base, waves=wv, num_warps=w, input_hadamard=h)
-             for h in input_hadamards for w in (8, 4) for wv in waves if wv > 1]  # fmt: skip
+             for h in input_hadamards for w in (8, 4) for wv in waves]  # fmt: skip
     # last: a form that faults poisons the CUDA context for everything after it in this process
     return grid + [replace(base, finish_warps=8), replace(base, finish_warps=2)] + fused
 
