@@ -84,19 +84,23 @@ def padded_chunk(chunk: BatchChunk, length: int, scratch_slot: int) -> Chunk:
     )
 
 
-def build_batch(chunks: Sequence[BatchChunk], device: torch.device) -> ForwardBatch:
-    """The tensors of one ragged forward over ``chunks``, in order."""
+def build_batch(
+    chunks: Sequence[BatchChunk], device: torch.device | str, logits_rows: list[int] | None = None
+) -> ForwardBatch:
+    """The tensors of one ragged forward over ``chunks``, in order; the logits go to each chunk's last num_logits
+    rows unless ``logits_rows`` names the rows."""
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
-    logits_rows: list[int] = []
+    wanted: list[int] = []
     tables = torch.zeros((len(chunks), max(len(c.block_table) for c in chunks)), dtype=torch.int64)
     for row, chunk in enumerate(chunks):
         input_ids += chunk.token_ids
         positions += chunk.positions
         slots += chunk.slot_mapping
         tables[row, : len(chunk.block_table)] = torch.tensor(chunk.block_table, dtype=torch.int64)
-        logits_rows += range(len(input_ids) - chunk.num_logits, len(input_ids))
+        if logits_rows is None:
+            wanted += range(len(input_ids) - chunk.num_logits, len(input_ids))
 
     def as_tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
@@ -108,5 +112,5 @@ def build_batch(chunks: Sequence[BatchChunk], device: torch.device) -> ForwardBa
         context_lens=[c.context_len for c in chunks],
         block_tables=tables.to(device, non_blocking=True),
         slot_mapping=as_tensor(slots),
-        logits_indices=as_tensor(logits_rows),
+        logits_indices=as_tensor(wanted if logits_rows is None else logits_rows),
     )

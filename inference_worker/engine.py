@@ -21,7 +21,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import ForwardBatch, build_batch, padded_chunk
-from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported
+from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported, prompt_query_bucket
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.key_centering import measure_keys
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
@@ -91,6 +91,9 @@ class EngineConfig:
     # decode-only steps: "auto" replays CUDA graphs on CUDA for models that allow it (cuda_graphs.py), "off" never,
     # "static" runs the graphs' fixed buffers without capturing (any device: tests check the bookkeeping)
     decode_graphs: str = "auto"
+    # with decode graphs on, steps with prompt chunks padded to at most this many tokens replay graphs too (short
+    # prompts: the launches, not the GPU, set their pace); 0: they run eagerly
+    prompt_graph_tokens: int = 0
     kv_key_centering: bool = True  # a quantized key cache stores keys minus each layer's mean key (key_centering.py)
 
 
@@ -188,6 +191,7 @@ class Engine:
                 num_heads=model_config.num_attention_heads,
                 max_query=min(1 + wire.MAX_SPECULATIVE_TOKENS, cfg.kv_page_size),  # a request may ask for more
                 capture=graphs_mode == "auto",
+                prompt_tokens=cfg.prompt_graph_tokens,
             )
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
         self._requests: dict[str, _Request] = {}
@@ -259,6 +263,7 @@ class Engine:
             speculative_by_cost=settings.speculative_by_cost,
             admit_linger_s=settings.admit_linger_ms / 1000.0,
             decode_graphs="auto" if settings.cuda_graphs else "off",
+            prompt_graph_tokens=settings.prompt_graph_tokens,
             kv_key_centering=settings.kv_key_centering,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id)
@@ -605,17 +610,16 @@ class Engine:
         graph_step = self._graph_batch(plan)
         with torch.inference_mode():
             if graph_step is not None:
-                batch, stride = graph_step
+                batch, first_rows = graph_step
                 assert self.decode_graphs is not None
                 logits = self.decode_graphs.forward(batch)
                 self.metrics.decode_graph_steps.inc()
             else:
-                batch, stride = build_batch(plan.scheduled, self.device), 0
+                batch, first_rows = build_batch(plan.scheduled, self.device), _logits_rows(plan)
                 logits = self.model.forward(batch, self.cache)
             plain: list[tuple[_Choice, int]] = []
             speculative: list[tuple[_Choice, ScheduledSeq, int]] = []
-            row = 0
-            for item in plan.scheduled:
+            for item, row in zip(plan.scheduled, first_rows, strict=True):
                 if not item.samples:
                     continue
                 c = self._choices[item.seq.seq_id]
@@ -623,9 +627,9 @@ class Engine:
                     speculative.append((c, item, row))
                 else:
                     plain.append((c, row))
-                row += stride or 1 + len(item.draft_ids)
-            padded = speculative or stride > 1
-            plain_logits = logits[[r for _, r in plain]] if padded else logits  # no copy without guesses
+            rows = [r for _, r in plain]
+            every_row = rows == list(range(logits.shape[0]))
+            plain_logits = logits if every_row else logits[rows]  # no copy when every row is sampled as it is
             tokens = sample(plain_logits, [c.sampling for c, _ in plain]) if plain else []
             now = time.monotonic()
             for (c, _), token in zip(plain, tokens, strict=True):
@@ -633,21 +637,33 @@ class Engine:
             for c, item, start in speculative:
                 self._verify(c, item.draft_ids, logits[start : start + 1 + len(item.draft_ids)], now, events)
 
-    def _graph_batch(self, plan: StepPlan) -> tuple[ForwardBatch, int] | None:
-        """The step as a decode graph takes it, with the rows each sequence spans, or None to run it eagerly.
+    def _graph_batch(self, plan: StepPlan) -> tuple[ForwardBatch, list[int]] | None:
+        """The step as a graph takes it, with each sequence's first logits row, or None to run it eagerly.
 
-        Only steps where every sequence samples from its last known token (plus its guesses, if any) qualify; a
+        Decode steps qualify when every sequence samples from its last known token (plus its guesses, if any): a
         sequence with fewer guesses than the longest is padded with copies of its last token whose K/V go to the
-        scratch slot and whose logits are never read."""
+        scratch slot and whose logits are never read. Steps with prompt chunks (and no guesses) qualify when their
+        chunks, padded the same way to one prompt bucket, fit the graphs' prompt_tokens; they get the logits of
+        each sequence's last real token."""
         graphs = self.decode_graphs
-        if graphs is None or not _decode_only(plan):
+        if graphs is None:
             return None
         q = max(i.query_len for i in plan.scheduled)
-        if q > graphs.max_query:
-            return None
-        chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
-        batch = build_batch(chunks, self.device)
-        return (batch, q) if graphs.eligible(batch) else None
+        if _decode_only(plan):
+            if q > graphs.max_query:
+                return None
+            chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
+            batch = build_batch(chunks, self.device)
+            first_rows = [q * i for i in range(len(chunks))]
+        else:
+            if any(i.draft_ids for i in plan.scheduled) or not graphs.prompt_fits(len(plan.scheduled), q):
+                return None
+            q = prompt_query_bucket(q)
+            chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
+            last_rows = [q * i + item.query_len - 1 for i, item in enumerate(plan.scheduled)]
+            batch = build_batch(chunks, self.device, logits_rows=last_rows)
+            first_rows = list(range(len(chunks)))
+        return (batch, first_rows) if graphs.eligible(batch) else None
 
     # -- per token ----------------------------------------------------------------------------------------------------
     def _on_token(self, c: _Choice, token: SampledToken, now: float, events: list[Event]) -> None:
@@ -767,6 +783,15 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 
 # -- sizing -----------------------------------------------------------------------------------------------------------
+def _logits_rows(plan: StepPlan) -> list[int]:
+    """Each scheduled sequence's first logits row in an eager forward (build_batch gives each its num_logits)."""
+    rows, next_row = [], 0
+    for item in plan.scheduled:
+        rows.append(next_row)
+        next_row += item.num_logits
+    return rows
+
+
 def _decode_only(plan: StepPlan) -> bool:
     """Every sequence of the step samples from its last known token (plus its guesses): no prompt chunk in it."""
     return all(i.samples and i.query_len == 1 + len(i.draft_ids) for i in plan.scheduled)

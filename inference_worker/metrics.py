@@ -48,7 +48,8 @@ class WorkerMetrics:
             registry=registry,
         ).labels(model=model)  # fmt: skip
         self.decode_graph_steps = Counter(
-            "trellis_decode_graph_steps", "Forward steps replayed from a CUDA graph (decode and verify).", labels,
+            "trellis_decode_graph_steps", "Forward steps replayed from a CUDA graph (decode, verify, short prompts).",
+            labels,
             registry=registry,
         ).labels(model=model)  # fmt: skip
         self.decode_graphs = Gauge(

@@ -88,6 +88,8 @@ class Settings:
     speculative_draft_cache_tokens: int = 0  # the draft model's own KV cache; 0: room for every speculating sequence
     max_model_len: int = 0  # 0: the model's own context length
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (dense models; docs/worker.md)
+    # ... and steps over short prompts, padded to at most this many tokens (0: prompt steps always run eagerly)
+    prompt_graph_tokens: int = 256
     heartbeat_seconds: float = 2.0
     # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner
     # refreshes its entries every heartbeat, so only a dead worker's entries ever get this idle).

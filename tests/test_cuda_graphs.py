@@ -14,8 +14,14 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from inference_worker.batch import Chunk, build_batch
-from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, context_bucket, graphs_supported
+from inference_worker.batch import Chunk, ForwardBatch, build_batch, padded_chunk
+from inference_worker.cuda_graphs import (
+    DecodeGraphs,
+    batch_bucket,
+    context_bucket,
+    graphs_supported,
+    prompt_query_bucket,
+)
 from inference_worker.engine import Engine
 from inference_worker.kv_cache import PagedKVCache
 from inference_worker.layers import DenseLinear
@@ -43,6 +49,12 @@ def test_context_bucket_grows_fourfold_and_stops_at_the_served_length() -> None:
     assert context_bucket(10, 512) == 512
     with pytest.raises(ValueError, match="1 to 512"):
         context_bucket(513, 512)
+
+
+def test_prompt_chunks_pad_to_a_power_of_two_of_at_least_eight_tokens() -> None:
+    assert [prompt_query_bucket(n) for n in (1, 7, 8, 9, 16, 17, 100, 128, 129)] == [8, 8, 8, 16, 16, 32, 128, 128, 256]
+    with pytest.raises(ValueError, match="at least one token"):
+        prompt_query_bucket(0)
 
 
 def test_decoder_models_are_captured_and_anything_else_runs_eagerly(tiny) -> None:
@@ -144,7 +156,7 @@ def test_a_verification_step_of_several_tokens_per_sequence_equals_the_plain_for
     with torch.inference_mode():
         expected = model.forward(verify, reference)
     torch.testing.assert_close(graphs.forward(verify), expected, rtol=1e-5, atol=1e-5)
-    assert list(graphs._graphs) == [(2, 3, 64)]
+    assert list(graphs._graphs) == [(2, 3, 64, False)]
     for layer in range(config.num_hidden_layers):
         torch.testing.assert_close(cache.k[layer][:6], reference.k[layer][:6], rtol=1e-4, atol=1e-5)
     only_last = build_batch([Chunk(c.token_ids, c.positions, c.slot_mapping, c.block_table) for c in chunks], "cpu")
@@ -152,6 +164,69 @@ def test_a_verification_step_of_several_tokens_per_sequence_equals_the_plain_for
     five = _chunk([1, 2, 3, 4, 5], 10, [0, 1, 2, 3])
     five = Chunk(five.token_ids, five.positions, five.slot_mapping, five.block_table, num_logits=5)
     assert not graphs.eligible(build_batch([five, five], "cpu"))  # more tokens per sequence than max_query
+
+
+def _last_rows(chunks: list[Chunk], q: int) -> list[int]:
+    return [q * i + len(c.token_ids) - 1 for i, c in enumerate(chunks)]
+
+
+def test_a_padded_prompt_step_equals_the_plain_forward_and_writes_only_its_slots_and_the_scratch_page(tiny) -> None:
+    model, config = tiny
+    # two new prompts and a decoding sequence in one step; the batch of 3 runs in a bucket of 4, every chunk padded
+    # to 16 tokens: four pages of 4, so the padding sequence's context spans the scratch page four times over
+    cached = [10, 11, 12, 13, 14, 15]
+    chunks = [
+        _chunk([5, 9, 3, 7, 1], 0, [0, 1]),
+        _chunk([16], len(cached), [2, 3]),
+        _chunk([8, 8, 4, 2, 2, 2, 2, 9, 1], 0, [4, 5, 6]),
+    ]
+    cache, reference = _cache(config, 8), _cache(config, 8)  # page 7 is the scratch page
+    with torch.inference_mode():
+        for c in (cache, reference):
+            model.forward(build_batch([_chunk(cached, 0, [2, 3])], "cpu"), c)
+    graphs = DecodeGraphs(model, cache, max_batch=4, max_context=64, scratch_page=7, num_heads=2, prompt_tokens=64,
+                          capture=False)  # fmt: skip
+    assert graphs.prompt_fits(3, 9) and not graphs.prompt_fits(3, 17)  # 4 x 32 tokens: past prompt_tokens
+    padded = [padded_chunk(c, 16, graphs.scratch_slot) for c in chunks]
+    step = build_batch(padded, "cpu", logits_rows=_last_rows(chunks, 16))
+    assert graphs.eligible(step)
+    with torch.inference_mode():
+        expected = model.forward(build_batch(chunks, "cpu"), reference)
+    torch.testing.assert_close(graphs.forward(step), expected, rtol=1e-5, atol=1e-5)
+    assert list(graphs._graphs) == [(4, 16, 64, True)] and graphs.prompt_replays == 1
+    for layer in range(config.num_hidden_layers):  # every page but the scratch page holds what the plain step wrote
+        torch.testing.assert_close(cache.k[layer][:7], reference.k[layer][:7], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(cache.v[layer][:7], reference.v[layer][:7], rtol=1e-4, atol=1e-5)
+        assert cache.k[layer][7].abs().sum() > 0
+
+    # the same graph takes a smaller step next: the decoding sequence alone would be a decode graph's, so two chunks
+    follow = [_chunk([3], 5, [0, 1]), _chunk([4, 4, 4], 9, [4, 5, 6])]
+    step = build_batch([padded_chunk(c, 16, graphs.scratch_slot) for c in follow], "cpu",
+                       logits_rows=_last_rows(follow, 16))  # fmt: skip
+    with torch.inference_mode():
+        expected = model.forward(build_batch(follow, "cpu"), reference)
+    torch.testing.assert_close(graphs.forward(step), expected, rtol=1e-5, atol=1e-5)
+    assert graphs.num_graphs == 2  # bucket 2 this time
+
+
+def test_prompt_steps_beyond_the_prompt_budget_or_off_a_bucket_are_not_eligible(tiny) -> None:
+    model, config = tiny
+    chunks = [_chunk([1, 2, 3], 0, [0])]
+
+    def step(graphs: DecodeGraphs, q: int) -> ForwardBatch:
+        return build_batch([padded_chunk(c, q, graphs.scratch_slot) for c in chunks], "cpu",
+                           logits_rows=_last_rows(chunks, q))  # fmt: skip
+
+    off = DecodeGraphs(model, _cache(config, 9), max_batch=2, max_context=64, scratch_page=8, num_heads=2,
+                       capture=False)  # fmt: skip
+    assert not off.prompt_fits(1, 3) and not off.eligible(step(off, 8))  # prompt_tokens=0: decode graphs only
+    small = DecodeGraphs(model, _cache(config, 9), max_batch=2, max_context=64, scratch_page=8, num_heads=2,
+                         prompt_tokens=8, capture=False)  # fmt: skip
+    assert small.eligible(step(small, 8))
+    assert not small.eligible(step(small, 12))  # not a bucket
+    assert not small.eligible(step(small, 16))  # a bucket past prompt_tokens
+    with pytest.raises(ValueError, match="prompt_tokens"):
+        DecodeGraphs(model, _cache(config, 9), 2, 64, scratch_page=8, num_heads=2, prompt_tokens=-1, capture=False)
 
 
 def test_steps_that_are_not_plain_decodes_are_not_eligible(tiny) -> None:
@@ -217,12 +292,47 @@ def test_speculative_verification_through_the_graph_buffers_keeps_greedy_output(
     graphed = run(engine, spec_reqs)
     for req in reqs:
         assert tokens_of(graphed[req.id]) == tokens_of(plain[req.id]), req.id
-    verify_shapes = [key for key in engine.decode_graphs._graphs if key[1] > 1]
+    verify_shapes = [key for key in engine.decode_graphs._graphs if key[1] > 1 and not key[3]]
     assert verify_shapes, "no verification step went through the graph buffers"
     accepted = registry.get_sample_value(
         "trellis_spec_decode_num_accepted_tokens_total", {"model": "smollm2", "method": "ngram"}
     )
     assert accepted and accepted > 0
+
+
+def test_engine_running_prompt_steps_through_the_graph_buffers_gives_the_plain_engines_tokens(loaded) -> None:  # noqa: F811
+    tok = loaded[2].tokenizer
+    lengths = [3, 12, 5, 9, 6, 7]
+    reqs = [
+        GenerationRequest(f"r{i}", "m", tok.encode(p).ids, greedy(n))
+        for i, (p, n) in enumerate(zip(PROMPTS, lengths, strict=False))
+    ]
+    # the second late prompt repeats an earlier one: its chunk starts past the pages the prefix cache hands back
+    late = [GenerationRequest(f"late{i}", "m", tok.encode(PROMPTS[p]).ids, greedy(5)) for i, p in enumerate((6, 4))]
+    plain = run(make_engine(loaded, decode_graphs="off"), [*reqs, *late])
+    registry = CollectorRegistry()
+    # at most 128 tokens: the first step's six prompts (the longest 24 tokens: 8 x 32) run eagerly; the late ones,
+    # each joining the running batch (a mixed step: 6 or 7 sequences in a bucket of 8, x 16 or 8 tokens), through
+    # the prompt buffers
+    engine = make_engine(loaded, registry, decode_graphs="static", prompt_graph_tokens=128)
+    events: dict[str, list[dict]] = {}
+    for req in reqs:
+        engine.add_request(req)
+    for step in range(500):
+        if step in (2, 5):
+            engine.add_request(late[step // 5])
+        if not engine.has_work():
+            break
+        for request_id, event in engine.step():
+            events.setdefault(request_id, []).append(event)
+    for req in [*reqs, *late]:
+        assert tokens_of(events[req.id]) == tokens_of(plain[req.id]), req.id
+    graphs = engine.decode_graphs
+    assert graphs is not None and graphs.prompt_replays == 2
+    assert not any(key[3] for key in graphs._graphs if key[1] > 16)  # the first step's 32-token bucket ran eagerly
+    labels = {"model": "smollm2"}
+    assert registry.get_sample_value("trellis_decode_graph_steps_total", labels) == graphs.replays
+    assert engine.scheduler.num_free_pages == engine.scheduler.num_pages
 
 
 def test_unknown_decode_graphs_mode_is_refused(loaded) -> None:  # noqa: F811
