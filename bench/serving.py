@@ -177,11 +177,14 @@ def read_engine_timings(redis_url: str, results: list[Result]) -> None:
 
 
 def in_process_engine(model_dir: Path, model: str, max_batch_size: int):
-    """An Engine configured as the served worker is (``max_batch_size`` included): the hop is the only difference."""
+    """An Engine configured and warmed up as the served worker is (``max_batch_size`` and its CUDA graphs included):
+    the hop is the only difference."""
     from inference_worker.engine import Engine
     from shared.settings import load_settings
 
-    return Engine.from_settings(model_dir, load_settings(max_batch_size=max_batch_size), model_id=model)
+    engine = Engine.from_settings(model_dir, load_settings(max_batch_size=max_batch_size), model_id=model)
+    engine.warm_up_graphs()
+    return engine
 
 
 def run_in_process(engine, model_dir: Path, model: str, n: int, max_tokens: int, concurrency: int | None,

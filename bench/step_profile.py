@@ -83,6 +83,10 @@ def main() -> int:
     timer = StepTimer(engine, ModelTokenizer.from_dir(model_dir), args.max_tokens)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {device}, torch {torch.__version__}")
+    started = time.perf_counter()
+    built = engine.warm_up_graphs()  # as the worker does before serving
+    print(f"warm-up: {built} CUDA graphs in {time.perf_counter() - started:.2f} s "
+          f"(prompt graphs up to {settings.prompt_graph_tokens if settings.cuda_graphs else 0} tokens)")
     for n in args.prompts:
         timer.run(n)  # warm-up: compiles kernels and captures this batch size's decode graphs
         prompt_s, decode_s = [], []

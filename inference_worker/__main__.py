@@ -32,6 +32,9 @@ def serve(model_id: str, settings, log) -> int:
     engine = Engine.from_settings(model_dir, settings, model_id=model_id, registry=registry)
     load_seconds = time.monotonic() - t0
     log.info("loaded %s on %s in %.1f s", model_id, engine.device, load_seconds)
+    t0 = time.monotonic()
+    if graphs := engine.warm_up_graphs():
+        log.info("captured %d CUDA graphs in %.1f s", graphs, time.monotonic() - t0)
     port = settings.worker_metrics_port or free_port()
     start_http_server(port, addr=settings.host, registry=registry)
     log.info("metrics on http://%s:%d/metrics", settings.host, port)

@@ -142,6 +142,24 @@ class DecodeGraphs:
             return False
         return batch_bucket(num_seqs, self.max_batch) * prompt_query_bucket(longest_chunk) <= self.prompt_tokens
 
+    def warm_up(self) -> int:
+        """Build (on CUDA: capture) ahead of traffic the shapes short chats need at the smallest context bucket: a
+        decode graph per batch bucket, and a prompt graph per batch bucket and prompt bucket within
+        ``prompt_tokens``; so no early request waits for a capture. Returns the graphs built now."""
+        context = context_bucket(1, self.max_context)
+        buckets = [b for b in BATCH_BUCKETS if b < self.max_batch] + [self.max_batch]
+        shapes = [(b, 1, context, False) for b in buckets]
+        q = MIN_PROMPT_QUERY
+        while q <= context and q <= self.prompt_tokens:
+            shapes += [(b, q, context, True) for b in buckets if b * q <= self.prompt_tokens]
+            q *= 2
+        built = 0
+        for key in shapes:
+            if key not in self._graphs:
+                self._graphs[key] = self._build(*key)
+                built += 1
+        return built
+
     def eligible(self, batch: ForwardBatch) -> bool:
         """Every sequence feeds the same number of tokens within the batch and context limits, and either wants the
         logits of each (at most ``max_query`` tokens: decode and verification) or of one row per sequence (a

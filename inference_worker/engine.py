@@ -343,6 +343,10 @@ class Engine:
         amortized = ADMIT_LINGER_AMORTIZED_SHARE / max(self._ending_steps, 1e-6)
         return min(ADMIT_LINGER_MAX_FRACTION, max(ADMIT_LINGER_EXPECTED_FRACTION, amortized))
 
+    def warm_up_graphs(self) -> int:
+        """Capture the CUDA graphs short chats need before serving (DecodeGraphs.warm_up); the graphs built."""
+        return 0 if self.decode_graphs is None else self.decode_graphs.warm_up()
+
     def stats(self) -> dict[str, Any]:
         s = self.scheduler
         return {

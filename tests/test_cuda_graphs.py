@@ -229,6 +229,27 @@ def test_prompt_steps_beyond_the_prompt_budget_or_off_a_bucket_are_not_eligible(
         DecodeGraphs(model, _cache(config, 9), 2, 64, scratch_page=8, num_heads=2, prompt_tokens=-1, capture=False)
 
 
+def test_warm_up_builds_every_short_chat_shape_ahead_of_the_steps_that_use_them(tiny) -> None:
+    model, config = tiny
+    graphs = DecodeGraphs(model, _cache(config, 9), max_batch=4, max_context=64, scratch_page=8, num_heads=2,
+                          prompt_tokens=64, capture=False)  # fmt: skip
+    assert graphs.warm_up() == 12 and graphs.warm_up() == 0
+    decode_shapes = {(b, 1, 64, False) for b in (1, 2, 4)}
+    prompt_shapes = {(b, q, 64, True) for q, batches in ((8, (1, 2, 4)), (16, (1, 2, 4)), (32, (1, 2)), (64, (1,)))
+                     for b in batches}  # fmt: skip
+    assert set(graphs._graphs) == decode_shapes | prompt_shapes
+    chunks = [_chunk([1, 2, 3], 0, [0]), _chunk([4] * 20, 0, [1, 2, 3, 4, 5])]
+    step = build_batch([padded_chunk(c, 32, graphs.scratch_slot) for c in chunks], "cpu",
+                       logits_rows=_last_rows(chunks, 32))  # fmt: skip
+    graphs.forward(step)
+    assert graphs.num_graphs == 12  # served by a warmed-up graph
+    small = DecodeGraphs(model, _cache(config, 9), max_batch=3, max_context=16, scratch_page=8, num_heads=2,
+                         prompt_tokens=64, capture=False)  # fmt: skip
+    small.warm_up()  # buckets 1, 2 and the largest batch, 3; prompts up to the 16-token context
+    assert {k for k in small._graphs if not k[3]} == {(1, 1, 16, False), (2, 1, 16, False), (3, 1, 16, False)}
+    assert max(k[1] for k in small._graphs) == 16
+
+
 def test_steps_that_are_not_plain_decodes_are_not_eligible(tiny) -> None:
     model, config = tiny
     graphs = DecodeGraphs(model, _cache(config, 4), max_batch=2, max_context=16, scratch_page=3, num_heads=2,
@@ -338,7 +359,8 @@ def test_engine_running_prompt_steps_through_the_graph_buffers_gives_the_plain_e
 def test_unknown_decode_graphs_mode_is_refused(loaded) -> None:  # noqa: F811
     with pytest.raises(ValueError, match="decode_graphs"):
         make_engine(loaded, decode_graphs="sometimes")
-    assert make_engine(loaded).decode_graphs is None  # "auto" on the CPU: nothing to capture
+    engine = make_engine(loaded)
+    assert engine.decode_graphs is None and engine.warm_up_graphs() == 0  # "auto" on the CPU: nothing to capture
 
 
 def test_settings_switch_graphs_off(default_model_dir: Path) -> None:
