@@ -186,7 +186,7 @@ def _empty_kernel(ptr):
 def launch_breakdown(res: dict, gen: torch.Generator, cfg: GemvConfig | None) -> None:
     """K=4, batch 1: each launch of the fused path timed alone (same graph method), the whole call, an empty kernel."""
     rows = res.setdefault("breakdown", [])
-    res["breakdown_config"] = cfg_key(cfg or exl3_matmul.DEFAULT_CONFIG)
+    res["breakdown_config"] = cfg_key(cfg) if cfg else "each shape's default_config"
     sink = torch.empty(1, device="cuda")
     empty_us = graph_us([lambda: _empty_kernel[(1,)](sink)] * 32)
     res["empty_launch_us"] = empty_us
@@ -237,7 +237,7 @@ def decode_timings(res: dict, gen: torch.Generator, cfg: GemvConfig | None, ks: 
     for name, (k, n) in SHAPES.items():
         base1 = time_bf16(k, n, 1)
         base16 = time_bf16(k, n, 16)
-        res.setdefault("config", repr(cfg or exl3_matmul.DEFAULT_CONFIG))
+        res.setdefault("config", repr(cfg) if cfg else "each shape's default_config")
         row3 = {"shape": name, "K": 4, "codebook": "3inst", "exl3_us": time_gemv(k, n, 4, 1, gen, cfg, "3inst")}
         res.setdefault("decode_3inst", []).append(row3)
         for K in ks:

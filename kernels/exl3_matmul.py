@@ -20,10 +20,10 @@ sizes, and the input Hadamard computed inside the weight kernel passed the inter
 a tf32 ``tl.dot`` feeding the weight ``tl.dot`` (out-of-bounds reads at 8 warps, wrong sums at 4), and as two
 64 x 64 fp16 dots per step (Sylvester split) whose results reached the weight dot in registers or through a
 per-program scratch line (non-finite outputs at 8 warps, illegal addresses at 4). See BENCHMARKS.md.
-``GemvConfig.input_hadamard`` keeps two in-kernel forms as options, off by default until a GPU has run them: six
-butterfly levels of adds per 64-row half (no dot at all), and one H64 fp16 dot per half feeding the weight dot.
-Both compile for sm_90a without spills (bench/kernel_sass.py) and match the reference in the interpreter;
-bench/dot_chain_probe.py and bench/exl3_kernels.py --sweep check them on the GPU before timing.
+``GemvConfig.input_hadamard`` has two in-kernel forms: six butterfly levels of adds per 64-row half (no dot at all),
+and one H64 fp16 dot per half feeding the weight dot. Both compile for sm_90a without spills (bench/kernel_sass.py)
+and match the reference in the interpreter; on an H100 the butterfly is right and saves the launch for layers of up
+to 4096 x 4096 weights (``default_config``), while the dot form gives wrong sums (bench/dot_chain_probe.py, form 1).
 
 Large batches (prefill) rebuild the dense weight once (``reconstruct_weight``) and use the library matmul.
 """
@@ -81,8 +81,18 @@ class GemvConfig:
 
 
 DEFAULT_CONFIG = GemvConfig()
+# Layers of at most this many weights form the input Hadamard in the weight kernel (butterfly, 4 warps): on an H100
+# (2026-12-07, BENCHMARKS.md) 4096 x 4096 took 12.8 vs 13.9 us and 4096 x 1024 7.7 vs 10.4 us, while 4096 x 14336 and
+# 14336 x 4096 lost 1.4-2 us to the transform repeated in every column block's program
+SMALL_LAYER_WEIGHTS = 4096 * 4096
+SMALL_LAYER_CONFIG = GemvConfig(num_warps=4, input_hadamard="butterfly")
 INPUT_HADAMARD = {"launch": 0, "butterfly": 1, "dot": 2}
 INV_SQRT128 = tl.constexpr(0.08838834764831845)  # 1/sqrt(128): the orthonormal Hadamard's scale
+
+
+def default_config(in_features: int, out_features: int) -> GemvConfig:
+    """The launch config a layer gets when the caller names none: SMALL_LAYER_CONFIG up to SMALL_LAYER_WEIGHTS."""
+    return SMALL_LAYER_CONFIG if in_features * out_features <= SMALL_LAYER_WEIGHTS else DEFAULT_CONFIG
 
 
 @triton.jit
@@ -278,7 +288,7 @@ def gemv_launches(
     row. The output is (rows, out_pad): reshape it to x's leading shape.
     """
     K, k, n = _check_layer(x, trellis, suh, svh, codebook, bias)
-    cfg = config or DEFAULT_CONFIG
+    cfg = config or default_config(k, n)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()

@@ -19,7 +19,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import exl3_ref as ref  # noqa: E402
-from kernels.exl3_matmul import GemvConfig, exl3_gemv, exl3_matmul, gemv_launches  # noqa: E402
+from kernels.exl3_matmul import (  # noqa: E402
+    DEFAULT_CONFIG,
+    GemvConfig,
+    default_config,
+    exl3_gemv,
+    exl3_matmul,
+    gemv_launches,
+)
 from kernels.exl3_reconstruct import decode_trellis, reconstruct_weight  # noqa: E402
 from kernels.hadamard import hadamard_transform  # noqa: E402
 
@@ -109,6 +116,14 @@ def test_an_unknown_input_hadamard_is_refused() -> None:
     trellis, suh, svh = random_layer(IN_PAD, OUT_PAD, 4, seed=31)
     with pytest.raises(ValueError, match="input_hadamard"):
         exl3_gemv(torch.randn(1, IN_PAD), trellis, suh, svh, "mul1", config=GemvConfig(input_hadamard="fused"))
+
+
+def test_small_layers_form_the_input_hadamard_inside_the_weight_kernel_by_default() -> None:
+    trellis, suh, svh = random_layer(1024, OUT_PAD, 4, seed=32)
+    launches, _ = gemv_launches(torch.randn(1, 1024), trellis, suh, svh, "mul1")
+    assert len(launches) == 2  # no Hadamard launch of its own
+    assert default_config(4096, 4096).input_hadamard == "butterfly"  # q/o of an 8B model
+    assert default_config(4096, 14336) == default_config(14336, 4096) == DEFAULT_CONFIG  # its MLP: a launch
 
 
 @pytest.mark.parametrize(("K", "codebook"), [(2, "mul1"), (5, "3inst"), (7, "mcg")])  # groups of 8, 4 and 2 states

@@ -86,9 +86,12 @@ def test_replayed_prompt_steps_match_the_eager_forward(exl3_model, kv_bits) -> N
             kv_bits=kv_bits,
         )  # fmt: skip
 
-    graphed, eager = cache(), cache()
-    graphs = DecodeGraphs(model, graphed, max_batch=8, max_context=4096, scratch_page=scratch,
-                          num_heads=config.num_attention_heads, prompt_tokens=256)  # fmt: skip
+    def graphs_over(c: PagedKVCache, capture: bool) -> DecodeGraphs:
+        return DecodeGraphs(model, c, max_batch=8, max_context=4096, scratch_page=scratch,
+                            num_heads=config.num_attention_heads, prompt_tokens=256, capture=capture)  # fmt: skip
+
+    graphed, direct, eager = cache(), cache(), cache()
+    graphs, unreplayed = graphs_over(graphed, True), graphs_over(direct, False)
     cuda = torch.device("cuda")
     # round 1: three new prompts (bucket 4 x 64 tokens: a padding sequence spans four scratch pages); round 2: the
     # first two decode while a fourth prompt joins, its chunk past a cached first page (bucket 4 x 32)
@@ -99,18 +102,24 @@ def test_replayed_prompt_steps_match_the_eager_forward(exl3_model, kv_bits) -> N
         [_chunk([5], 9, pages[0]), _chunk([6], 29, pages[1]), _chunk(list(range(300, 320)), 16, pages[3])],
     ]
     with torch.inference_mode():  # the fourth sequence's first page, as a prefix cache would hand it over
-        for c in (graphed, eager):
+        for c in (graphed, direct, eager):
             model.forward(build_batch([_chunk(list(range(200, 216)), 0, pages[3])], cuda), c)
+    # against the unpadded eager forward: bf16 rounding differs with the padded shapes, and a quantized cache turns
+    # some of it into whole code steps; against the same buffers run without capture: only the replay differs
+    tolerance = 2e-2 if kv_bits == (None, None) else 5e-2
     for chunks in rounds:
         q = prompt_query_bucket(max(len(c.token_ids) for c in chunks))
         last = [q * i + len(c.token_ids) - 1 for i, c in enumerate(chunks)]
         step = build_batch([padded_chunk(c, q, graphs.scratch_slot) for c in chunks], cuda, logits_rows=last)
         got = graphs.forward(step).clone()
+        same_buffers = unreplayed.forward(step).clone()
         with torch.inference_mode():
             want = model.forward(build_batch(chunks, cuda), eager)
         assert torch.isfinite(got).all()
+        replay_err = float((got - same_buffers).norm() / same_buffers.norm())
+        assert replay_err < 2e-3, f"{q} tokens per sequence: replay vs the same buffers run directly {replay_err:.3g}"
         err = float((got - want).norm() / want.norm())
-        assert err < 2e-2, f"prompt step of {q} tokens per sequence: relative error {err:.3g}"
+        assert err < tolerance, f"prompt step of {q} tokens per sequence: relative error {err:.3g}"
     assert graphs.prompt_replays == 2 and graphs.num_graphs == 2
     # what the graphed steps wrote: a decode step of all four over each cache attends over it
     decode = build_batch([_chunk([7], len(p) + (i < 2), pages[i]) for i, p in enumerate(prompts)]
@@ -118,7 +127,7 @@ def test_replayed_prompt_steps_match_the_eager_forward(exl3_model, kv_bits) -> N
     with torch.inference_mode():
         got, want = model.forward(decode, graphed), model.forward(decode, eager)
     err = float((got - want).norm() / want.norm())
-    assert err < 2e-2, f"decode over the graphed prompts' K/V: relative error {err:.3g}"
+    assert err < tolerance, f"decode over the graphed prompts' K/V: relative error {err:.3g}"
 
 
 def test_engine_with_decode_graphs_keeps_its_greedy_output(default_model_dir: Path) -> None:

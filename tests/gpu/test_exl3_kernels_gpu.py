@@ -68,6 +68,8 @@ def test_fused_matmul_matches_reference_on_llama_shapes(k: int, n: int, K: int, 
         (14336, 4096, GemvConfig(splits=112)),  # 4 chunks of slices in the finish kernel, the last one ragged
         (14336, 4096, GemvConfig(splits=14, num_stages=2)),
         (4096, 1024, GemvConfig(splits=4, num_warps=4, finish_warps=8, finish_chunk=2)),
+        (4096, 1024, GemvConfig()),  # a small layer's input Hadamard in its own launch (its default is in-kernel)
+        (14336, 4096, GemvConfig(num_warps=4, input_hadamard="butterfly")),  # ... and a large one's in the kernel
     ],
 )
 def test_fused_matmul_matches_reference_for_launch_configs(k: int, n: int, config: GemvConfig) -> None:
