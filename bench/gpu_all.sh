@@ -43,9 +43,13 @@ for s in "${steps[@]}"; do
     moe) step moe "${T_MOE:-120}" python bench/moe.py --out "$OUT" ;;
     exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ${EXL3_ARGS:-} ;;
     spec) step spec "${T_SPEC:-300}" python bench/speculative.py --out "$OUT" ${SPEC_ARGS:-} ;;
-    serving) step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
+    # serving and hop run a served worker and an in-process engine on one GPU: a fixed cache each leaves both room
+    # for their CUDA graphs (sized from free memory, the second one ran out capturing its warm-up graphs)
+    serving) TRELLIS_KV_CACHE_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144} \
+               step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
                --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ${SERVING_ARGS:-} ;;
-    hop) step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
+    hop) TRELLIS_KV_CACHE_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144} \
+           step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
     step-profile) step step-profile "${T_STEP_PROFILE:-90}" python bench/step_profile.py ;;
     prefix) step prefix "${T_PREFIX:-120}" python bench/prefix_reuse.py --json "$OUT/prefix_reuse.json" ;;
     dot-probe) step dot-probe "${T_DOT_PROBE:-120}" python bench/dot_chain_probe.py ;;
