@@ -71,6 +71,12 @@ def prompt_query_bucket(query_len: int) -> int:
     return max(MIN_PROMPT_QUERY, 1 << (query_len - 1).bit_length())
 
 
+def prompt_graph_budget(model: Any, requested: int) -> int:
+    """The padded tokens a prompt graph of ``model`` may hold: ``requested``, or 0 (none) for a mixture-of-experts
+    model, whose captured layers run every expert over every token: a decode step's few tokens, not a prompt's."""
+    return 0 if getattr(getattr(model, "config", None), "moe", None) is not None else requested
+
+
 def graphs_supported(model: Any) -> bool:
     """Whether ``model``'s forward can be captured: a ``DecoderModel`` (its MoE layers switch to a host-free path
     while capturing); anything else is run eagerly."""

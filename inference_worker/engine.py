@@ -21,7 +21,13 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from inference_worker.batch import ForwardBatch, build_batch, padded_chunk
-from inference_worker.cuda_graphs import DecodeGraphs, batch_bucket, graphs_supported, prompt_query_bucket
+from inference_worker.cuda_graphs import (
+    DecodeGraphs,
+    batch_bucket,
+    graphs_supported,
+    prompt_graph_budget,
+    prompt_query_bucket,
+)
 from inference_worker.draft_model import DraftModelProposer
 from inference_worker.key_centering import measure_keys
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
@@ -191,7 +197,7 @@ class Engine:
                 num_heads=model_config.num_attention_heads,
                 max_query=min(1 + wire.MAX_SPECULATIVE_TOKENS, cfg.kv_page_size),  # a request may ask for more
                 capture=graphs_mode == "auto",
-                prompt_tokens=cfg.prompt_graph_tokens,
+                prompt_tokens=prompt_graph_budget(model, cfg.prompt_graph_tokens),
             )
         self.eos_token_ids = frozenset(tokenizer.eos_token_ids) | frozenset(getattr(model_config, "eos_token_ids", ()))
         self._requests: dict[str, _Request] = {}

@@ -20,6 +20,7 @@ from inference_worker.cuda_graphs import (
     batch_bucket,
     context_bucket,
     graphs_supported,
+    prompt_graph_budget,
     prompt_query_bucket,
 )
 from inference_worker.engine import Engine
@@ -60,6 +61,11 @@ def test_prompt_chunks_pad_to_a_power_of_two_of_at_least_eight_tokens() -> None:
 def test_decoder_models_are_captured_and_anything_else_runs_eagerly(tiny) -> None:
     assert graphs_supported(tiny[0])
     assert not graphs_supported(SimpleNamespace(config=SimpleNamespace(moe=None)))
+
+
+def test_mixture_of_experts_models_get_no_prompt_graphs(tiny) -> None:
+    assert prompt_graph_budget(tiny[0], 256) == 256
+    assert prompt_graph_budget(SimpleNamespace(config=SimpleNamespace(moe=object())), 256) == 0
 
 
 def test_the_host_free_moe_path_that_graphs_capture_mixes_the_same_experts() -> None:
