@@ -23,7 +23,8 @@ per-program scratch line (non-finite outputs at 8 warps, illegal addresses at 4)
 ``GemvConfig.input_hadamard`` has two in-kernel forms: six butterfly levels of adds per 64-row half (no dot at all),
 and one H64 fp16 dot per half feeding the weight dot. Both compile for sm_90a without spills (bench/kernel_sass.py)
 and match the reference in the interpreter; on an H100 the butterfly is right and saves the launch for layers of up
-to 4096 x 4096 weights (``default_config``), while the dot form gives wrong sums (bench/dot_chain_probe.py, form 1).
+to 4096 x 4096 weights at up to 16 rows (``default_config``), while the dot form gives wrong sums
+(bench/dot_chain_probe.py, form 1).
 
 Large batches (prefill) rebuild the dense weight once (``reconstruct_weight``) and use the library matmul.
 """
@@ -90,9 +91,11 @@ INPUT_HADAMARD = {"launch": 0, "butterfly": 1, "dot": 2}
 INV_SQRT128 = tl.constexpr(0.08838834764831845)  # 1/sqrt(128): the orthonormal Hadamard's scale
 
 
-def default_config(in_features: int, out_features: int) -> GemvConfig:
-    """The launch config a layer gets when the caller names none: SMALL_LAYER_CONFIG up to SMALL_LAYER_WEIGHTS."""
-    return SMALL_LAYER_CONFIG if in_features * out_features <= SMALL_LAYER_WEIGHTS else DEFAULT_CONFIG
+def default_config(in_features: int, out_features: int, rows: int = 1) -> GemvConfig:
+    """The launch config a layer gets when the caller names none: SMALL_LAYER_CONFIG up to SMALL_LAYER_WEIGHTS and
+    16 rows (the in-kernel form was checked on the GPU with 16-row programs only; 17-32 rows take 32-row ones)."""
+    small = in_features * out_features <= SMALL_LAYER_WEIGHTS and rows <= 16
+    return SMALL_LAYER_CONFIG if small else DEFAULT_CONFIG
 
 
 @triton.jit
@@ -288,11 +291,11 @@ def gemv_launches(
     row. The output is (rows, out_pad): reshape it to x's leading shape.
     """
     K, k, n = _check_layer(x, trellis, suh, svh, codebook, bias)
-    cfg = config or default_config(k, n)
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    cfg = config or default_config(k, n, m)
     if m > MAX_FUSED_ROWS:
         raise ValueError(f"the fused kernel takes at most {MAX_FUSED_ROWS} rows, got {m}; use exl3_matmul")
     if m == 0:

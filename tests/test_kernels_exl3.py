@@ -124,6 +124,9 @@ def test_small_layers_form_the_input_hadamard_inside_the_weight_kernel_by_defaul
     assert len(launches) == 2  # no Hadamard launch of its own
     assert default_config(4096, 4096).input_hadamard == "butterfly"  # q/o of an 8B model
     assert default_config(4096, 14336) == default_config(14336, 4096) == DEFAULT_CONFIG  # its MLP: a launch
+    assert default_config(4096, 4096, rows=17) == DEFAULT_CONFIG  # 32-row programs
+    launches, _ = gemv_launches(torch.randn(20, 1024), trellis, suh, svh, "mul1")
+    assert len(launches) == 3
 
 
 @pytest.mark.parametrize(("K", "codebook"), [(2, "mul1"), (5, "3inst"), (7, "mcg")])  # groups of 8, 4 and 2 states
