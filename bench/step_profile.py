@@ -86,7 +86,8 @@ def main() -> int:
     started = time.perf_counter()
     built = engine.warm_up_graphs()  # as the worker does before serving
     print(f"warm-up: {built} CUDA graphs in {time.perf_counter() - started:.2f} s "
-          f"(prompt graphs up to {settings.prompt_graph_tokens if settings.cuda_graphs else 0} tokens)")
+          f"(prompt graphs up to {settings.prompt_graph_tokens if settings.cuda_graphs else 0} tokens; fused norms "
+          f"and rotary {'on' if settings.fused_norm_rope else 'off'})")
     for n in args.prompts:
         timer.run(n)  # warm-up: compiles kernels and captures this batch size's decode graphs
         prompt_s, decode_s = [], []

@@ -32,6 +32,7 @@ from inference_worker.draft_model import DraftModelProposer
 from inference_worker.key_centering import measure_keys
 from inference_worker.kv_cache import KVBits, PagedKVCache, kv_bytes_per_token, parse_kv_bits
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.models.decoder import use_fused_kernels
 from inference_worker.sampling import SampledToken, SamplingState, make_generator, sample, verify_token
 from inference_worker.scheduler import ScheduledSeq, Scheduler, Sequence, StepPlan
 from inference_worker.speculative import (
@@ -100,6 +101,7 @@ class EngineConfig:
     # with decode graphs on, steps with prompt chunks padded to at most this many tokens replay graphs too (short
     # prompts: the launches, not the GPU, set their pace); 0: they run eagerly
     prompt_graph_tokens: int = 0
+    fused_norm_rope: bool = False  # on CUDA: the model's norms and rotary embeddings through kernels/norm_rope.py
     kv_key_centering: bool = True  # a quantized key cache stores keys minus each layer's mean key (key_centering.py)
 
 
@@ -165,6 +167,8 @@ class Engine:
         self.device = torch.device(cfg.device)
         self.metrics = metrics or WorkerMetrics(CollectorRegistry(), "model")
         self.vocab_size = int(model_config.vocab_size)
+        if cfg.fused_norm_rope and self.device.type == "cuda":
+            use_fused_kernels(model)
         num_pages = cfg.kv_cache_tokens // cfg.kv_page_size
         if num_pages < 1:
             raise ValueError(f"kv_cache_tokens={cfg.kv_cache_tokens} is less than one page of {cfg.kv_page_size}")
@@ -270,6 +274,7 @@ class Engine:
             admit_linger_s=settings.admit_linger_ms / 1000.0,
             decode_graphs="auto" if settings.cuda_graphs else "off",
             prompt_graph_tokens=settings.prompt_graph_tokens,
+            fused_norm_rope=settings.fused_norm_rope,
             kv_key_centering=settings.kv_key_centering,
         )
         metrics = WorkerMetrics(registry or CollectorRegistry(), model_id)

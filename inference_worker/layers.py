@@ -97,14 +97,21 @@ def build_linear(prefix: str, source: TensorSource, dtype: torch.dtype, device: 
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in float32 (as Hugging Face Llama does), scaled in the input dtype."""
+    """Root-mean-square norm computed in float32 (as Hugging Face Llama does), scaled in the input dtype. With
+    ``fused`` set (inference_worker.models.decoder.use_fused_kernels), one Triton launch (kernels/norm_rope.py)
+    that rounds the same way."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.eps = eps
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and self.weight.dtype == x.dtype:
+            from kernels.norm_rope import rms_norm  # triton compiles only where it runs
+
+            return rms_norm(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)

@@ -90,6 +90,8 @@ class Settings:
     cuda_graphs: bool = True  # on CUDA, replay decode steps from captured graphs (dense models; docs/worker.md)
     # ... and steps over short prompts, padded to at most this many tokens (0: prompt steps always run eagerly)
     prompt_graph_tokens: int = 256
+    # on CUDA, RMSNorm and rotary embeddings as one Triton launch each (kernels/norm_rope.py); off until timed
+    fused_norm_rope: bool = False
     heartbeat_seconds: float = 2.0
     # A request pending this long without its worker refreshing it is reclaimed by another worker (the owner
     # refreshes its entries every heartbeat, so only a dead worker's entries ever get this idle).
