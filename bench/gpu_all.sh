@@ -19,6 +19,10 @@ if [ -z "${TRELLIS_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null &&
   export TRELLIS_REDIS_SERVER
 fi
 
+# serving and hop run a served worker and an in-process engine on one GPU: a fixed cache each leaves both room for
+# their CUDA graphs (sized from free memory, the second one ran out capturing its warm-up graphs)
+SHARED_GPU_KV_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144}
+
 step() {  # step NAME SECONDS CMD...: run bounded, keep the whole log, show its tail
   local name=$1 seconds=$2
   shift 2
@@ -43,13 +47,9 @@ for s in "${steps[@]}"; do
     moe) step moe "${T_MOE:-120}" python bench/moe.py --out "$OUT" ;;
     exl3) step exl3 "${T_EXL3:-120}" python bench/exl3_kernels.py --quick --out "$OUT" ${EXL3_ARGS:-} ;;
     spec) step spec "${T_SPEC:-300}" python bench/speculative.py --out "$OUT" ${SPEC_ARGS:-} ;;
-    # serving and hop run a served worker and an in-process engine on one GPU: a fixed cache each leaves both room
-    # for their CUDA graphs (sized from free memory, the second one ran out capturing its warm-up graphs)
-    serving) TRELLIS_KV_CACHE_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144} \
-               step serving "${T_SERVING:-180}" python bench/serving.py --requests 32 --max-tokens 64 \
-               --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ${SERVING_ARGS:-} ;;
-    hop) TRELLIS_KV_CACHE_TOKENS=${TRELLIS_KV_CACHE_TOKENS:-262144} \
-           step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
+    serving) TRELLIS_KV_CACHE_TOKENS=$SHARED_GPU_KV_TOKENS step serving "${T_SERVING:-180}" python bench/serving.py \
+               --requests 32 --max-tokens 64 --concurrency 1 4 --rate 4 --json "$OUT/serving.json" ${SERVING_ARGS:-} ;;
+    hop) TRELLIS_KV_CACHE_TOKENS=$SHARED_GPU_KV_TOKENS step hop "${T_HOP:-90}" python bench/hop_probe.py --requests 16 ;;
     step-profile) step step-profile "${T_STEP_PROFILE:-90}" python bench/step_profile.py ;;
     fused)  # the fused norm/rotary kernels: checked, then steps timed without and with them (same lease)
       step fused-tests "${T_FUSED_TESTS:-120}" python -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_norm_rope_gpu.py

@@ -85,9 +85,10 @@ def main() -> int:
     print(f"device: {device}, torch {torch.__version__}")
     started = time.perf_counter()
     built = engine.warm_up_graphs()  # as the worker does before serving
-    print(f"warm-up: {built} CUDA graphs in {time.perf_counter() - started:.2f} s "
-          f"(prompt graphs up to {settings.prompt_graph_tokens if settings.cuda_graphs else 0} tokens; fused norms "
-          f"and rotary {'on' if settings.fused_norm_rope else 'off'})")
+    prompt_tokens = engine.decode_graphs.prompt_tokens if engine.decode_graphs else 0
+    fused = any(getattr(m, "fused", False) for m in engine.model.modules())
+    print(f"warm-up: {built} CUDA graphs in {time.perf_counter() - started:.2f} s (prompt graphs up to "
+          f"{prompt_tokens} tokens; fused norms and rotary {'on' if fused else 'off'})")
     for n in args.prompts:
         timer.run(n)  # warm-up: compiles kernels and captures this batch size's decode graphs
         prompt_s, decode_s = [], []

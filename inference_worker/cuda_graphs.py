@@ -153,7 +153,7 @@ class DecodeGraphs:
         decode graph per batch bucket, and a prompt graph per batch bucket and prompt bucket within
         ``prompt_tokens``; so no early request waits for a capture. Returns the graphs built now."""
         context = context_bucket(1, self.max_context)
-        buckets = [b for b in BATCH_BUCKETS if b < self.max_batch] + [self.max_batch]
+        buckets = sorted({batch_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
         shapes = [(b, 1, context, False) for b in buckets]
         q = MIN_PROMPT_QUERY
         while q <= context and q <= self.prompt_tokens:
@@ -248,7 +248,8 @@ class DecodeGraphs:
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
         context = max(context, q)
-        rows = torch.arange(num_seqs, device=device) * q + q - 1 if last_rows else torch.arange(num_seqs * q)
+        rows = torch.arange(num_seqs if last_rows else num_seqs * q, device=device)
+        rows = rows * q + q - 1 if last_rows else rows  # a sequence's last row, or every row
         batch = ForwardBatch(
             input_ids=zeros(num_seqs * q),
             positions=zeros(num_seqs * q),
@@ -257,7 +258,7 @@ class DecodeGraphs:
             context_lens=[context] * num_seqs,
             block_tables=zeros(num_seqs, pages_for(context, self.cache.page_size)),
             slot_mapping=zeros(num_seqs * q),
-            logits_indices=rows.to(device),
+            logits_indices=rows,
         )
         g = _Graph(batch, q, last_rows, None)
         if device.type == "cuda":

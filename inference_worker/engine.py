@@ -664,20 +664,19 @@ class Engine:
         if graphs is None:
             return None
         q = max(i.query_len for i in plan.scheduled)
+        logits_rows = None  # decode: every row's (build_batch's default for padded chunks)
         if _decode_only(plan):
             if q > graphs.max_query:
                 return None
-            chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
-            batch = build_batch(chunks, self.device)
-            first_rows = [q * i for i in range(len(chunks))]
+            first_rows = [q * i for i in range(len(plan.scheduled))]
         else:
             if any(i.draft_ids for i in plan.scheduled) or not graphs.prompt_fits(len(plan.scheduled), q):
                 return None
             q = prompt_query_bucket(q)
-            chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
-            last_rows = [q * i + item.query_len - 1 for i, item in enumerate(plan.scheduled)]
-            batch = build_batch(chunks, self.device, logits_rows=last_rows)
-            first_rows = list(range(len(chunks)))
+            logits_rows = [q * i + item.query_len - 1 for i, item in enumerate(plan.scheduled)]
+            first_rows = list(range(len(plan.scheduled)))
+        chunks = [padded_chunk(item, q, graphs.scratch_slot) for item in plan.scheduled]
+        batch = build_batch(chunks, self.device, logits_rows=logits_rows)
         return (batch, first_rows) if graphs.eligible(batch) else None
 
     # -- per token ----------------------------------------------------------------------------------------------------
