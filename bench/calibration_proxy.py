@@ -10,11 +10,15 @@ scored windows (never shipped either: it tells the text's kind from the very wor
 unquantized.
 
     python bench/calibration_proxy.py --bits 3 --text old=DIR --text shipped= --text eval=@eval [--rows 64 --cols 512]
+
+``--allocation measured`` spreads the bits (an average, e.g. 4.0 or 3.5) as ``trellis convert --allocation measured``
+does: each linear's K from the converter's own plan (quant/sensitivity.py), within 2..6 bits here.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import shutil
 import sys
@@ -31,6 +35,7 @@ sys.path.insert(0, str(REPO))
 import converter_worker.quant.calibration as calibration_module  # noqa: E402
 import converter_worker.quant.linear as linear_module  # noqa: E402
 import converter_worker.quant.regularize as regularize_module  # noqa: E402
+from converter_worker.convert import Converter, ConvertOptions  # noqa: E402
 from converter_worker.eval import evaluate  # noqa: E402
 from converter_worker.quant.calibration import calibration_rows  # noqa: E402
 from converter_worker.quant.capture import InputCapture  # noqa: E402
@@ -84,10 +89,28 @@ def quantize_dense(
     return dense_from_parts(p.job.quantized, suh, svh)[:in_f, :out_f].T.contiguous()
 
 
+def bit_plan(source: Path, args: argparse.Namespace, text: str) -> dict[str, int]:
+    """Every linear's K as the converter plans it, on these calibration rows' arguments."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text_file = Path(tmp) / "calibration.txt"
+        text_file.write_text(text, encoding="utf-8")
+        opts = ConvertOptions(
+            input=source, output=Path(tmp) / "out", work_dir=Path(tmp) / "work", bits=args.bits,
+            allocation=args.allocation, cal_rows=args.rows, cal_cols=args.cols, seed=args.seed, cal_text=text_file,
+            device="cpu",
+        )  # fmt: skip
+        plan = Converter(opts).plan()
+    if not set(plan.values()) <= set(GAUSSIAN_STEP):
+        used, known = sorted(set(plan.values())), sorted(GAUSSIAN_STEP)
+        raise SystemExit(f"the plan uses bits {used}; the proxy's uniform quantizer knows {known}")
+    return plan
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the default model (imported if needed)")
-    ap.add_argument("--bits", type=int, default=3, choices=sorted(GAUSSIAN_STEP))
+    ap.add_argument("--bits", type=float, default=3, help="bits per weight (an average with --allocation)")
+    ap.add_argument("--allocation", choices=("plain", "measured"), default="plain")
     ap.add_argument("--text", action="append", default=[], metavar="NAME=PATH", help="PATH empty: the shipped text; "
                     "@eval: the evaluation text (an oracle, never shipped)")  # fmt: skip
     ap.add_argument("--rows", type=int, default=64)
@@ -123,10 +146,11 @@ def main() -> int:
         t0 = time.perf_counter()
         rows = calibration_rows(tokenizer, args.rows, args.cols, model.config.vocab_size, args.seed, text)
         hessians = capture_hessians(model, rows, source)
+        plan = bit_plan(source, args, text)
         quantized = dict(weights)
         for i, key in enumerate(sorted(hessians)):
             wkey = f"{key}.weight"
-            dense = quantize_dense(key, weights[wkey], hessians[key], args.bits, seed=i, refit_rounds=args.refit_rounds)
+            dense = quantize_dense(key, weights[wkey], hessians[key], plan[key], seed=i, refit_rounds=args.refit_rounds)
             quantized[wkey] = dense.to(weights[wkey].dtype)
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "model"
@@ -136,6 +160,8 @@ def main() -> int:
         row = {
             "text": name,
             "bits": args.bits,
+            "allocation": args.allocation,
+            "plan": sorted(collections.Counter(plan.values()).items()),
             "random_fraction": args.random_fraction,
             "seed": args.seed,
             "damping": args.damping,

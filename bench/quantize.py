@@ -164,6 +164,7 @@ def bench_model(
     cal_cols: int,
     variants: list[tuple[str, Path | None]],
     head_bits: int = 6,
+    allocations: tuple[str, ...] = ("measured",),
 ) -> list[dict]:
     from shared.default_model import ensure_default_model
 
@@ -173,8 +174,8 @@ def bench_model(
     for bits in bits_list:
         rtn_model = write_rtn_model(source, workdir / f"rtn-{bits}", int(bits), head_bits)
         rtn = evaluate(rtn_model, text, source, 16, 512, str(device))
-        for name, cal_text in variants:
-            out, work = workdir / f"exl3-{bits}-{name}", workdir / f"work-{bits}-{name}"
+        for (name, cal_text), allocation in ((v, a) for v in variants for a in allocations):
+            out, work = workdir / f"exl3-{bits}-{name}-{allocation}", workdir / f"work-{bits}-{name}-{allocation}"
             opts = ConvertOptions(
                 source,
                 out,
@@ -185,6 +186,7 @@ def bench_model(
                 cal_rows=cal_rows,
                 cal_cols=cal_cols,
                 cal_text=cal_text,
+                allocation=allocation,
                 device=str(device),
             )
             _sync()
@@ -196,6 +198,7 @@ def bench_model(
             row = {
                 "bits": bits,
                 "calibration": name,
+                "allocation": allocation,
                 "head_bits": head_bits,
                 "refit_rounds": linear_module.REFIT_ROUNDS,
                 "scale_tiles": regularize_module.SCALE_SAMPLE_TILES,
@@ -238,6 +241,7 @@ def main() -> int:
                         help="tiles sampled by the global scale search")  # fmt: skip
     parser.add_argument("--scale-factors", default=",".join(map(str, regularize_module.SCALE_FACTORS)),
                         help="global scale candidates (times RMS matching), ascending")  # fmt: skip
+    parser.add_argument("--allocation", default="measured", help="comma-separated: measured, plain (each is converted)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     # benchmark-only knobs: the converter reads these module settings at each linear
@@ -254,8 +258,9 @@ def main() -> int:
             bits = [float(b) for b in args.bits.split(",")]
             variants = calibration_variants(args.cal_text)
             results["model"] = bench_model(
-                device, bits, Path(tmp), args.cal_rows, args.cal_cols, variants, args.head_bits
-            )
+                device, bits, Path(tmp), args.cal_rows, args.cal_cols, variants, args.head_bits,
+                tuple(args.allocation.split(",")),
+            )  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
@@ -276,12 +281,13 @@ def main() -> int:
     if "model" in results:
         print("\n== SmolLM2-135M-Instruct, 16 x 512 Britannica tokens, vs bf16 (EXL3 | RTN g128) ==")
         print(
-            f"{'bpw':>4} {'calibration':>12} {'convert s':>9} {'ppl':>8} {'KL':>8} {'top1':>6} | "
+            f"{'bpw':>4} {'calibration':>12} {'allocation':>10} {'convert s':>9} {'ppl':>8} {'KL':>8} {'top1':>6} | "
             f"{'ppl':>8} {'KL':>8} {'top1':>6}"
         )
         for r in results["model"]:
             print(
-                f"{r['bits']:>4} {r['calibration']:>12} {r['convert_seconds']:>9.1f} {r['ppl']:>8.2f} {r['kl']:>8.4f} "
+                f"{r['bits']:>4} {r['calibration']:>12} {r['allocation']:>10} {r['convert_seconds']:>9.1f} "
+                f"{r['ppl']:>8.2f} {r['kl']:>8.4f} "
                 f"{r['top1']:>6.3f} | "
                 f"{r['rtn_ppl']:>8.2f} {r['rtn_kl']:>8.4f} {r['rtn_top1']:>6.3f}"
             )

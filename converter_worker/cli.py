@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-from converter_worker.convert import ConversionCancelled, ConversionError, ConvertOptions, Progress, format_summary
+from converter_worker.convert import (
+    ALLOCATIONS,
+    ConversionCancelled,
+    ConversionError,
+    ConvertOptions,
+    Progress,
+    format_summary,
+)
 from kernels.exl3_ref import CODEBOOKS
 
 BAR_WIDTH = 30
@@ -48,6 +55,12 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("-b", "--bits", required=True, type=float, help="target bits per weight, 1..8 (e.g. 4.25)")
     parser.add_argument("-hb", "--head-bits", type=int, default=6, help="output head bits, 1..8, or 16 to keep it")
     parser.add_argument("-cb", "--codebook", choices=CODEBOOKS, default="mul1", help="trellis codebook")
+    parser.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="measured",
+        help="spread the bits by each linear's measured sensitivity, or by the plain fixed order",
+    )
     parser.add_argument("--cal-rows", type=int, default=250, help="calibration rows")
     parser.add_argument("--cal-cols", type=int, default=2048, help="tokens per calibration row")
     parser.add_argument(
@@ -77,6 +90,7 @@ def cli_convert(argv: list[str]) -> int:
         cal_rows=args.cal_rows,
         cal_cols=args.cal_cols,
         seed=args.seed,
+        allocation=args.allocation,
         cal_text=args.cal_text,
         device=args.device,
         checkpoint_seconds=args.checkpoint_seconds,

@@ -11,6 +11,7 @@ always complete.
 
 The work dir is plain files anyone can ``ls``:
     args.json                the arguments that shape the result (a resume must repeat them)
+    plan.json                the bits of every linear, fixed before the first block (measured: quant/sensitivity.py)
     source/                  the imported model, when the input is a GGUF file
     blocks/block-NNNN.safetensors   each finished block (quantized linears, norms, router; stats in the metadata)
     checkpoint.pt            next block and the calibration state (hidden states), written atomically
@@ -44,6 +45,7 @@ from converter_worker.quant.bits import (
     UNQUANTIZED_HEAD_BITS,
     LinearShape,
     allocate_bits,
+    allocate_bits_by_sensitivity,
     average_bits,
     check_bits,
     check_head_bits,
@@ -54,6 +56,7 @@ from converter_worker.quant.hessian import HessianAccumulator
 from converter_worker.quant.layout import norm_tensors, quantized_linears, routing_linears
 from converter_worker.quant.ldlq import TileQuantizer
 from converter_worker.quant.linear import QUANTIZER_REVISION, LinearSpec, quantize_linears
+from converter_worker.quant.sensitivity import CODE_ERROR, SENSITIVITY_COLS, SENSITIVITY_ROWS, measure_sensitivity
 from converter_worker.quant.viterbi import quantize_tiles
 from inference_worker.layers import DenseLinear, Linear, RMSNorm, RotaryEmbedding
 from inference_worker.models import ARCHITECTURES, find_spec
@@ -63,12 +66,15 @@ from shared.calibration import calibration_text, text_digest
 from shared.exl3_format import QUANT_CONFIG_FILE, QUANT_METHOD, exl3_tensors_to_dict, read_exl3_linear, tensor_storage
 from shared.exl3_synth import WRITER_VERSION
 from shared.model_dir import CONFIG_FILE, WEIGHTS_INDEX_FILE, TensorSource, load_config
+from shared.wire import CONVERSION_ALLOCATIONS
 
 ARGS_FILE = "args.json"
+PLAN_FILE = "plan.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 HEAD_FILE = "head.safetensors"
 FINISHED_FILE = "finished.json"
 BLOCKS_DIR = "blocks"
+ALLOCATIONS = CONVERSION_ALLOCATIONS
 SOURCE_DIR = "source"
 # fixed once started; the calibration text by its digest (the same words, wherever the file lives)
 RESULT_ARGS = (
@@ -79,6 +85,7 @@ RESULT_ARGS = (
     "cal_rows",
     "cal_cols",
     "seed",
+    "allocation",
     "cal_text_sha256",
     "quantizer_revision",
 )
@@ -106,6 +113,9 @@ class ConvertOptions:
     cal_rows: int = 250
     cal_cols: int = 2048
     seed: int = 0
+    # how the bits are spread over the linears at a fractional or whole target: "measured" weighs each linear's
+    # measured sensitivity (quant/sensitivity.py), "plain" promotes whole groups in a fixed order (quant/bits.py)
+    allocation: str = CONVERSION_ALLOCATIONS[0]
     cal_text: Path | None = None  # a .txt file or a folder of them; None: the text that ships with Trellis
     device: str = "auto"
     checkpoint_seconds: float = 60.0  # least time between checkpoints (the last block always checkpoints)
@@ -225,6 +235,8 @@ class Converter:
         check_head_bits(opts.head_bits)
         if opts.codebook not in CODEBOOKS:
             raise ConversionError(f"unknown codebook {opts.codebook!r}; expected one of {', '.join(CODEBOOKS)}")
+        if opts.allocation not in ALLOCATIONS:
+            raise ConversionError(f"unknown bit allocation {opts.allocation!r}; expected {' or '.join(ALLOCATIONS)}")
         if opts.cal_rows < 1 or opts.cal_cols < 2:
             raise ConversionError(f"calibration needs at least 1 row of 2 tokens, got {opts.cal_rows}x{opts.cal_cols}")
         try:
@@ -346,7 +358,43 @@ class Converter:
                 shapes.append(LinearShape(q.name, layer, q.bit_group, in_features, out_features))
         self.shapes = shapes
         self.features = {s.name: (s.in_features, s.out_features) for s in shapes}
-        self.plan = allocate_bits(shapes, self.opts.bits, self.config.num_hidden_layers)
+        c = self.config
+        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
+
+    def _measured_plan(self) -> dict[str, int]:
+        """Bits weighed by each linear's measured damage per unit of code error, over the first calibration rows."""
+        rows = self._calibration_rows()[:SENSITIVITY_ROWS, :SENSITIVITY_COLS]
+        state = self._tensor("model.embed_tokens.weight").float()[rows].to(self.device)
+        norm = self._rms(self._tensor("model.norm.weight"))
+        weight = self._head_weight().to(self.device, torch.float32)
+        bias = self._optional("lm_head.bias")
+        bias = None if bias is None else bias.to(self.device, torch.float32)
+
+        def head(x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(norm(x), weight, bias)
+
+        layers = self.config.num_hidden_layers
+        damage = measure_sensitivity(state, layers, self._original_block, head, self.opts.seed)
+        return allocate_bits_by_sensitivity(self.shapes, self.opts.bits, layers, damage, CODE_ERROR)
+
+    def _bit_plan(self) -> dict[str, int]:
+        """The bits of every linear: made once, before the first block, and kept in the work dir for resumes."""
+        path = self.work / PLAN_FILE
+        if path.is_file():
+            return {name: int(k) for name, k in json.loads(path.read_text()).items()}
+        plan = self._make_plan()
+        _write_json(path, plan)
+        return plan
+
+    def _make_plan(self) -> dict[str, int]:
+        if self.opts.allocation == "measured":
+            return self._measured_plan()
+        return allocate_bits(self.shapes, self.opts.bits, self.config.num_hidden_layers)
+
+    def plan(self) -> dict[str, int]:
+        """The bits this conversion gives every linear, made without touching the work dir (benches compare plans)."""
+        self._load_model_description(self._source_dir())
+        return self._make_plan()
 
     def _tensor(self, name: str) -> torch.Tensor:
         try:
@@ -361,17 +409,19 @@ class Converter:
 
     # calibration state ----------------------------------------------------------------------------------------------
 
-    def _initial_state(self) -> torch.Tensor:
+    def _calibration_rows(self) -> torch.Tensor:
         path = self.source_dir / "tokenizer.json"
         if not path.is_file():
             raise ConversionError(f"{self.source_dir} has no tokenizer.json, which calibration needs")
         tokenizer = tokenizers.Tokenizer.from_file(str(path))
         opts = self.opts
-        rows = calibration_rows(
+        return calibration_rows(
             tokenizer, opts.cal_rows, opts.cal_cols, self.config.vocab_size, opts.seed, self.calibration_text
         )
+
+    def _initial_state(self) -> torch.Tensor:
         embed = self._tensor("model.embed_tokens.weight").float()
-        return embed[rows].to(self.device)
+        return embed[self._calibration_rows()].to(self.device)
 
     def _load_checkpoint(self) -> tuple[int, torch.Tensor] | None:
         path = self.work / CHECKPOINT_FILE
@@ -611,10 +661,10 @@ class Converter:
         if out.exists() and not (finished and self.resume):
             raise ConversionError(f"output {out} already exists; remove it or choose another output directory")
         self._load_model_description(self._source_dir())
+        self.plan = self._bit_plan()
         if finished and out.exists():
             return self._summary()
         c = self.config
-        self.rotary = RotaryEmbedding(c.head_dim, c.rope_theta, c.rope_scaling).to(self.device)
         total = c.num_hidden_layers + 2  # blocks, head, output
         checkpoint = self._load_checkpoint()
         next_block, state = checkpoint if checkpoint is not None else (0, self._initial_state())

@@ -29,6 +29,7 @@ from shared import names
 from shared.model_paths import ModelPathError, resolve_model_path
 from shared.redis_streams import ensure_group, entry, payload
 from shared.settings import Settings
+from shared.wire import CONVERSION_ALLOCATIONS
 
 log = logging.getLogger("converter_worker.service")
 
@@ -148,6 +149,7 @@ class ConverterService:
             input=source, output=output, work_dir=work_dir, bits=float(job["bits"]),
             head_bits=int(job.get("head_bits", 6)), codebook=str(job.get("codebook", "mul1")),
             cal_rows=int(job.get("cal_rows", 250)), cal_cols=int(job.get("cal_cols", 2048)),
+            allocation=str(job.get("allocation", CONVERSION_ALLOCATIONS[0])),
             device=self.settings.device,
         )
         await self._publish(job_id, state, {"type": "state", "state": "running", "resumed": resume})

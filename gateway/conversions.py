@@ -67,6 +67,9 @@ def parse_submission(body: dict[str, Any], state: GatewayState) -> dict[str, Any
     codebook = body.get("codebook", "mul1")
     if codebook not in CODEBOOKS:
         raise errors.invalid(f"'codebook' must be one of {list(CODEBOOKS)}", "codebook")
+    allocation = body.get("allocation", wire.CONVERSION_ALLOCATIONS[0])
+    if allocation not in wire.CONVERSION_ALLOCATIONS:
+        raise errors.invalid(f"'allocation' must be one of {list(wire.CONVERSION_ALLOCATIONS)}", "allocation")
     cal_rows = int(_number(body.get("cal_rows", 250), "cal_rows", integer=True))
     cal_cols = int(_number(body.get("cal_cols", 2048), "cal_cols", integer=True))
     if not (1 <= cal_rows <= 10_000 and 16 <= cal_cols <= 65_536):
@@ -81,7 +84,7 @@ def parse_submission(body: dict[str, Any], state: GatewayState) -> dict[str, Any
         raise errors.invalid(f"output: {exc}", "output") from None
     if output_path.exists():
         raise errors.ApiError(409, f"A model named {output!r} already exists.", param="output", code="output_exists")
-    return wire.conversion_job(source, output, bits, head_bits, codebook, cal_rows, cal_cols)
+    return wire.conversion_job(source, output, bits, head_bits, codebook, cal_rows, cal_cols, allocation=allocation)
 
 
 def default_output_name(source: str, bits: float) -> str:

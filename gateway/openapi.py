@@ -15,7 +15,7 @@ from gateway.openai_api import CHAT_ROLES, MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION
 from gateway.state import state_of
 from shared.settings import Settings
 from shared.tokenizer import RESERVED_TEMPLATE_VARIABLES
-from shared.wire import MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
+from shared.wire import CONVERSION_ALLOCATIONS, MAX_SPECULATIVE_TOKENS, SPECULATIVE_METHODS
 
 JSON = "application/json"
 Schema = dict[str, Any]
@@ -426,6 +426,11 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "bits": {**number, "minimum": 1, "maximum": 8},
                 "head_bits": {"type": "integer", "enum": [1, 2, 3, 4, 5, 6, 7, 8, 16]},
                 "codebook": {"type": "string", "enum": ["mul1", "mcg", "3inst"]},
+                "allocation": {
+                    "type": "string",
+                    "enum": list(CONVERSION_ALLOCATIONS),
+                    "description": "Bits spread by each linear's measured sensitivity (default) or in a fixed order",
+                },
                 "cal_rows": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "cal_cols": {"type": "integer", "minimum": 16, "maximum": 65536},
             },

@@ -115,12 +115,17 @@ class GenerationRequest:
         )
 
 
+# how a conversion spreads its bits over the linears (converter_worker/convert.py); the first is the default
+CONVERSION_ALLOCATIONS = ("measured", "plain")
+
+
 def conversion_job(source: str, output: str, bits: float, head_bits: int = 6, codebook: str = "mul1",
-                   cal_rows: int = 250, cal_cols: int = 2048, job_id: str | None = None) -> dict[str, Any]:
+                   cal_rows: int = 250, cal_cols: int = 2048, job_id: str | None = None,
+                   allocation: str = CONVERSION_ALLOCATIONS[0]) -> dict[str, Any]:
     """A conversion job as the gateway enqueues it on the `conversions` stream (paths are model ids)."""
     return {"id": job_id or uuid.uuid4().hex, "source": source, "output": output, "bits": bits,
             "head_bits": head_bits, "codebook": codebook, "cal_rows": cal_rows, "cal_cols": cal_cols,
-            "created": time.time()}
+            "allocation": allocation, "created": time.time()}
 
 
 # Output events. Each is a dict with a "type":

@@ -11,6 +11,7 @@ shared expert, are one group and all downs another, so every expert of a layer g
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -50,6 +51,14 @@ def check_head_bits(head_bits: int) -> int:
     return head_bits
 
 
+def _priority(key: tuple[int, str], num_layers: int) -> tuple[int, int, int, int]:
+    """The plain plan's promotion order of a (layer, group): attention first, then the layers nearest the ends."""
+    layer, group = key
+    attention = 0 if group in ("qkv", "o") else 1
+    distance = min(layer, num_layers - 1 - layer)
+    return attention, distance, _GROUP_ORDER.index(group), layer
+
+
 def allocate_bits(linears: list[LinearShape], target: float, num_layers: int) -> dict[str, int]:
     """K for every linear (by name) so that the stored-weight average is as close to ``target`` as whole-group
     promotions allow without exceeding it."""
@@ -64,19 +73,58 @@ def allocate_bits(linears: list[LinearShape], target: float, num_layers: int) ->
     for lin in linears:
         groups.setdefault((lin.layer, lin.group), []).append(lin)
 
-    def priority(key: tuple[int, str]) -> tuple[int, int, int, int]:
-        layer, group = key
-        attention = 0 if group in ("qkv", "o") else 1
-        distance = min(layer, num_layers - 1 - layer)
-        return attention, distance, _GROUP_ORDER.index(group), layer
-
-    for key in sorted(groups, key=priority):
+    for key in sorted(groups, key=lambda key: _priority(key, num_layers)):
         cost = sum(lin.stored_weights for lin in groups[key])
         if cost <= budget + 1e-9 * total:
             for lin in groups[key]:
                 bits[lin.name] += 1
             budget -= cost
     return bits
+
+
+def allocate_bits_by_sensitivity(
+    linears: list[LinearShape],
+    target: float,
+    num_layers: int,
+    damage: dict[str, float],
+    code_error: dict[int, float],
+    spread: tuple[int, int] = (1, 1),
+) -> dict[str, int]:
+    """K for every linear minimizing the expected output damage sum(damage[name] * code_error[K]) (quant/sensitivity.py)
+    with the stored-weight average at most ``target``, groups moving together as in ``allocate_bits``.
+
+    Every group starts ``spread[0]`` bits below floor(target) and is promoted a bit at a time, the group that removes
+    the most damage per stored weight first (ties in ``allocate_bits``' order), up to ``spread[1]`` bits above it,
+    while the budget allows: the marginal gains fall with each bit, so this is the greedy optimum of a knapsack
+    whose items shrink. The spread bounds how far a noisy estimate can move any tensor from the plain plan."""
+    target = check_bits(target)
+    base = min(int(math.floor(target)), MAX_BITS)
+    lo, hi = max(MIN_BITS, base - spread[0]), min(MAX_BITS, base + spread[1])
+    groups: dict[tuple[int, str], list[LinearShape]] = {}
+    for lin in linears:
+        groups.setdefault((lin.layer, lin.group), []).append(lin)
+    total = sum(lin.stored_weights for lin in linears)
+    budget = target * total - lo * total
+    level = dict.fromkeys(groups, lo)
+
+    def entry(key: tuple[int, str]) -> tuple[float, tuple[int, int, int, int], tuple[int, str]]:
+        k = level[key]
+        members = groups[key]
+        gain = sum(damage.get(lin.name, 0.0) for lin in members) * (code_error[k] - code_error[k + 1])
+        return -gain / sum(lin.stored_weights for lin in members), _priority(key, num_layers), key
+
+    heap = [entry(key) for key in groups if lo < hi]
+    heapq.heapify(heap)
+    while heap:
+        _, _, key = heapq.heappop(heap)
+        cost = sum(lin.stored_weights for lin in groups[key])
+        if cost > budget + 1e-9 * total:
+            continue  # the budget only shrinks: this group can never be promoted again
+        level[key] += 1
+        budget -= cost
+        if level[key] < hi:
+            heapq.heappush(heap, entry(key))
+    return {lin.name: level[(lin.layer, lin.group)] for lin in linears}
 
 
 def average_bits(linears: list[LinearShape], bits: dict[str, int]) -> float:

@@ -93,10 +93,15 @@ class CalibrationBlock:
     def _chunks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return x.split(max(1, TOKENS_PER_CHUNK // x.shape[1]))
 
+    def differentiable_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [rows, cols, hidden] -> the block's output, same shape, with the model's own MoE routing; records
+        autograd history where gradients are enabled (the sensitivity pass backpropagates through it)."""
+        return torch.cat([self._forward_chunk(part) for part in self._chunks(x)])
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [rows, cols, hidden] -> the block's output, same shape, with the model's own MoE routing."""
-        return torch.cat([self._forward_chunk(part) for part in self._chunks(x)])
+        return self.differentiable_forward(x)
 
     @torch.no_grad()
     def capture_hessians(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
