@@ -58,8 +58,8 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--allocation",
         choices=ALLOCATIONS,
-        default="measured",
-        help="spread the bits by each linear's measured sensitivity, or by the plain fixed order",
+        default=ALLOCATIONS[0],
+        help="spread the bits in the plain fixed order, or by each linear's measured sensitivity (experimental)",
     )
     parser.add_argument("--cal-rows", type=int, default=250, help="calibration rows")
     parser.add_argument("--cal-cols", type=int, default=2048, help="tokens per calibration row")

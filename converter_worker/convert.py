@@ -113,8 +113,9 @@ class ConvertOptions:
     cal_rows: int = 250
     cal_cols: int = 2048
     seed: int = 0
-    # how the bits are spread over the linears at a fractional or whole target: "measured" weighs each linear's
-    # measured sensitivity (quant/sensitivity.py), "plain" promotes whole groups in a fixed order (quant/bits.py)
+    # how the bits are spread over the linears: "plain" promotes whole groups in a fixed order (quant/bits.py);
+    # "measured" weighs each linear's measured sensitivity (quant/sensitivity.py; experimental: it assumes evenly
+    # spread code error, which LDLQ does not leave, and scored worse than plain on the CPU proxy, BENCHMARKS.md)
     allocation: str = CONVERSION_ALLOCATIONS[0]
     cal_text: Path | None = None  # a .txt file or a folder of them; None: the text that ships with Trellis
     device: str = "auto"

@@ -429,7 +429,7 @@ def _schemas(settings: Settings) -> dict[str, Schema]:
                 "allocation": {
                     "type": "string",
                     "enum": list(CONVERSION_ALLOCATIONS),
-                    "description": "Bits spread by each linear's measured sensitivity (default) or in a fixed order",
+                    "description": "Bits spread in a fixed order (default) or by measured sensitivity (experimental)",
                 },
                 "cal_rows": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "cal_cols": {"type": "integer", "minimum": 16, "maximum": 65536},

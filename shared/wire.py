@@ -116,7 +116,7 @@ class GenerationRequest:
 
 
 # how a conversion spreads its bits over the linears (converter_worker/convert.py); the first is the default
-CONVERSION_ALLOCATIONS = ("measured", "plain")
+CONVERSION_ALLOCATIONS = ("plain", "measured")
 
 
 def conversion_job(source: str, output: str, bits: float, head_bits: int = 6, codebook: str = "mul1",

@@ -25,7 +25,9 @@ from tests.tiny_models import HIDDEN, INTERMEDIATE, write_tiny_llama
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = (REPO / "tests" / "data" / "eval" / "britannica-11th-slice.txt").read_text(encoding="utf-8")
 # cheap but real: 2 blocks, 6 calibration rows of 64 tokens, a checkpoint after every block
+# (the measured allocation: its plan must survive kill -9 like everything else)
 CONVERT_ARGS = ["-b", "3", "-hb", "4", "--cal-rows", "6", "--cal-cols", "64", "--checkpoint-seconds", "0"]
+CONVERT_ARGS += ["--allocation", "measured"]
 _CLI = "import sys; from converter_worker.cli import cli_convert; sys.exit(cli_convert(sys.argv[1:]))"
 
 
