@@ -118,15 +118,27 @@ def regularize(
     if not torch.isfinite(w).all():
         raise ValueError("the weight holds NaN or infinity")
     out_signs, in_signs = random_signs(n, gen).to(w.device), random_signs(k, gen).to(w.device)
-    out_scale = _channel_rms(w, 0)
-    w = block_hadamard(w * (out_signs / out_scale), 1)
-    in_scale = _channel_rms(w, 1)
-    suh = (in_signs * in_scale).half()
-    w = block_hadamard(w / suh.float().unsqueeze(1), 0)
+    w, suh, out_scale = balance(w, out_signs, in_signs)
     g = search_global_scale(w, K, codebook, gen, quantize)
     svh = (out_signs * out_scale * g).half()
     # W-hat from the float16 scales, so reconstruction uses exactly what was fitted
     w_hat = block_hadamard(block_hadamard(weight.float() / suh.float().unsqueeze(1), 0) / svh.float(), 1)
+    return Regularized(w_hat, suh, svh, rotate_hessian(hessian, suh))
+
+
+def balance(
+    w: torch.Tensor, out_signs: torch.Tensor, in_signs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight [in_pad, out_pad] with signs, RMS channel scales and Hadamard rotations on both sides, before the
+    global scale; with the input side's signed float16 scales (suh) and the output side's RMS scales."""
+    out_scale = _channel_rms(w, 0)
+    w = block_hadamard(w * (out_signs / out_scale), 1)
+    in_scale = _channel_rms(w, 1)
+    suh = (in_signs * in_scale).half()
+    return block_hadamard(w / suh.float().unsqueeze(1), 0), suh, out_scale
+
+
+def rotate_hessian(hessian: torch.Tensor, suh: torch.Tensor) -> torch.Tensor:
+    """The Hessian in W-hat's basis (input scales, then the Hadamard rotation on both sides), float64."""
     h = hessian.to(torch.float64) * suh.double().unsqueeze(0) * suh.double().unsqueeze(1)
-    h = block_hadamard(block_hadamard(h, 0), 1)
-    return Regularized(w_hat, suh, svh, h)
+    return block_hadamard(block_hadamard(h, 0), 1)
