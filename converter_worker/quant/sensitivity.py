@@ -42,7 +42,7 @@ from shared.exl3_format import padded
 CODE_ERROR = {1: 0.277, 2: 0.0684, 3: 0.0179, 4: 0.00431, 5: 0.00128, 6: 0.00032, 7: 0.00017, 8: 0.00014}
 SENSITIVITY_ROWS = 16  # calibration rows the measurement runs over
 SENSITIVITY_COLS = 512  # tokens per row (at most the calibration's)
-_HEAD_TOKENS_PER_CHUNK = 2048  # logits are [tokens, vocab] floats: computed a slice at a time
+_HEAD_TOKENS_PER_CHUNK = 512  # logits (and their float64 CDF) are [tokens, vocab]: computed a slice at a time
 
 
 class _Recorder:
@@ -127,9 +127,9 @@ def measure_sensitivity(
     ldlq: bool = True,
 ) -> dict[str, float]:
     """The damage per unit of code error of every quantized linear (by name): mean(W^2) * |dL/dW|^2 summed over the
-    embedded rows ``state`` [rows, cols, hidden], per token. ``block(i)`` builds block i
-    with its original float32 weights; ``head`` maps hidden states to logits (final norm and output head). Quantizing
-    linear t at K bits is expected to add about damage[t] * CODE_ERROR[K] / 2 to the KL divergence per token.
+    embedded rows ``state`` [rows, cols, hidden], per token. ``block(i)`` builds block i with its original float32
+    weights; ``head`` maps hidden states to logits (final norm and output head). Quantizing linear t at K bits is
+    expected to add about damage[t] * CODE_ERROR[K] / 2 to the KL divergence per token.
     With ``ldlq`` each damage is scaled by the linear's ``ldlq_gain`` on the same rows' Hessian (the shape of the
     error LDLQ leaves); without it, it is the damage of evenly spread error (weight noise)."""
     device = state.device
