@@ -99,7 +99,7 @@ def bit_plan(source: Path, args: argparse.Namespace, text: str) -> dict[str, int
             allocation=args.allocation, cal_rows=args.rows, cal_cols=args.cols, seed=args.seed, cal_text=text_file,
             device="cpu",
         )  # fmt: skip
-        plan = Converter(opts).plan()
+        plan = Converter(opts).preview_plan()
     if not set(plan.values()) <= set(GAUSSIAN_STEP):
         used, known = sorted(set(plan.values())), sorted(GAUSSIAN_STEP)
         raise SystemExit(f"the plan uses bits {used}; the proxy's uniform quantizer knows {known}")

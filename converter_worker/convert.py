@@ -114,8 +114,8 @@ class ConvertOptions:
     cal_cols: int = 2048
     seed: int = 0
     # how the bits are spread over the linears: "plain" promotes whole groups in a fixed order (quant/bits.py);
-    # "measured" weighs each linear's measured sensitivity (quant/sensitivity.py; experimental: it assumes evenly
-    # spread code error, which LDLQ does not leave, and scored worse than plain on the CPU proxy, BENCHMARKS.md)
+    # "measured" spends them where each linear's measured damage is largest (quant/sensitivity.py; a few per cent
+    # lower KL on the CPU proxy, not yet measured with the trellis search on a GPU: BENCHMARKS.md)
     allocation: str = CONVERSION_ALLOCATIONS[0]
     cal_text: Path | None = None  # a .txt file or a folder of them; None: the text that ships with Trellis
     device: str = "auto"
@@ -392,7 +392,7 @@ class Converter:
             return self._measured_plan()
         return allocate_bits(self.shapes, self.opts.bits, self.config.num_hidden_layers)
 
-    def plan(self) -> dict[str, int]:
+    def preview_plan(self) -> dict[str, int]:
         """The bits this conversion gives every linear, made without touching the work dir (benches compare plans)."""
         self._load_model_description(self._source_dir())
         return self._make_plan()

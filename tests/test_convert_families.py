@@ -35,8 +35,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from converter_worker.convert import ConversionCancelled, ConversionError, ConvertOptions, convert
-from converter_worker.quant.bits import LinearShape, allocate_bits
+from converter_worker.convert import ConversionCancelled, ConversionError, Converter, ConvertOptions, convert
+from converter_worker.quant.bits import LinearShape, allocate_bits, average_bits
 from converter_worker.quant.block import build_calibration_block
 from converter_worker.quant.layout import experts_in_layer, quantized_linears, routing_linears
 from converter_worker.quant.moe_capture import routed_output
@@ -400,3 +400,22 @@ def test_bit_allocation_promotes_every_expert_of_a_layer_together(tmp_path: Path
                 promoted_experts += sum(plan[name] == 5 for name in experts)
         if target == 4.9:
             assert promoted_experts > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe"])
+def test_the_measured_plan_reaches_every_expert_and_keeps_a_layers_experts_together(
+    family: str, tmp_path: Path
+) -> None:
+    """--allocation measured backpropagates through the real routing and captures every expert's Hessian (for its
+    LDLQ gain); the plan covers every linear, keeps the budget, and moves a layer's experts together."""
+    source = save_family_model(tmp_path / "source", *FAMILIES[family])
+    opts = ConvertOptions(source, tmp_path / "out", tmp_path / "work", allocation="measured", **CONVERT)
+    converter = Converter(opts)
+    plan = converter.preview_plan()
+    assert set(plan) == {s.name for s in converter.shapes}
+    assert set(plan.values()) <= {3, 4, 5} and average_bits(converter.shapes, plan) <= 4.0 + 1e-9
+    for layer in range(LAYERS["num_hidden_layers"]):
+        for projection in ("gate_proj", "up_proj", "down_proj"):
+            experts = [n for n in plan if f"layers.{layer}." in n and "experts." in n and n.endswith(projection)]
+            assert len({plan[n] for n in experts}) <= 1
+    assert not (tmp_path / "work").exists()  # a preview writes nothing
