@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import converter_worker.quant.bits as bits_module  # noqa: E402
 import converter_worker.quant.calibration as calibration_module  # noqa: E402
 import converter_worker.quant.linear as linear_module  # noqa: E402
 import converter_worker.quant.regularize as regularize_module  # noqa: E402
@@ -111,6 +112,7 @@ def main() -> int:
     ap.add_argument("--model-dir", type=Path, default=None, help="default: the default model (imported if needed)")
     ap.add_argument("--bits", type=float, default=3, help="bits per weight (an average with --allocation)")
     ap.add_argument("--allocation", choices=("plain", "measured"), default="plain")
+    ap.add_argument("--spread", default="1,1", help="measured allocation: bits below,above floor(target)")
     ap.add_argument("--text", action="append", default=[], metavar="NAME=PATH", help="PATH empty: the shipped text; "
                     "@eval: the evaluation text (an oracle, never shipped)")  # fmt: skip
     ap.add_argument("--rows", type=int, default=64)
@@ -122,6 +124,7 @@ def main() -> int:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     calibration_module.RANDOM_ROW_FRACTION = args.random_fraction
+    bits_module.ALLOCATION_SPREAD = tuple(int(v) for v in args.spread.split(","))
     linear_module.DEFAULT_DAMPING = args.damping  # padded_hessian's damping of the real and the padded inputs
     import tokenizers
     from transformers import AutoModelForCausalLM
@@ -161,6 +164,7 @@ def main() -> int:
             "text": name,
             "bits": args.bits,
             "allocation": args.allocation,
+            "spread": args.spread,
             "plan": sorted(collections.Counter(plan.values()).items()),
             "random_fraction": args.random_fraction,
             "seed": args.seed,

@@ -34,6 +34,7 @@ class LinearShape:
 
 
 _GROUP_ORDER = ("qkv", "o", "down", "gate_up")  # promotion priority between groups of the same distance
+ALLOCATION_SPREAD = (1, 1)  # the measured plan's K: from floor(target) - 1 to floor(target) + 1
 
 
 def check_bits(bits: float) -> float:
@@ -88,18 +89,20 @@ def allocate_bits_by_sensitivity(
     num_layers: int,
     damage: dict[str, float],
     code_error: dict[int, float],
-    spread: tuple[int, int] = (1, 1),
+    spread: tuple[int, int] | None = None,
 ) -> dict[str, int]:
     """K for every linear minimizing the expected output damage sum(damage[name] * code_error[K]) (quant/sensitivity.py)
     with the stored-weight average at most ``target``, groups moving together as in ``allocate_bits``.
 
-    Every group starts ``spread[0]`` bits below floor(target) and is promoted a bit at a time, the group that removes
-    the most damage per stored weight first (ties in ``allocate_bits``' order), up to ``spread[1]`` bits above it,
-    while the budget allows: the marginal gains fall with each bit, so this is the greedy optimum of a knapsack
-    whose items shrink. The spread bounds how far a noisy estimate can move any tensor from the plain plan."""
+    Every group starts ``spread[0]`` bits below floor(target) (default: ``ALLOCATION_SPREAD``) and is promoted a bit
+    at a time, the group that removes the most damage per stored weight first (ties in ``allocate_bits``' order), up
+    to ``spread[1]`` bits above it, while the budget allows: the marginal gains fall with each bit, so this is the
+    greedy optimum of a knapsack whose items shrink. The spread bounds how far a noisy estimate can move any tensor
+    from the plain plan."""
     target = check_bits(target)
+    below, above = spread or ALLOCATION_SPREAD
     base = min(int(math.floor(target)), MAX_BITS)
-    lo, hi = max(MIN_BITS, base - spread[0]), min(MAX_BITS, base + spread[1])
+    lo, hi = max(MIN_BITS, base - below), min(MAX_BITS, base + above)
     groups: dict[tuple[int, str], list[LinearShape]] = {}
     for lin in linears:
         groups.setdefault((lin.layer, lin.group), []).append(lin)
