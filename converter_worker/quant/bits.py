@@ -109,22 +109,21 @@ def allocate_bits_by_sensitivity(
     total = sum(lin.stored_weights for lin in linears)
     budget = target * total - lo * total
     level = dict.fromkeys(groups, lo)
+    cost = {key: sum(lin.stored_weights for lin in members) for key, members in groups.items()}
+    group_damage = {key: sum(damage.get(lin.name, 0.0) for lin in members) for key, members in groups.items()}
 
     def entry(key: tuple[int, str]) -> tuple[float, tuple[int, int, int, int], tuple[int, str]]:
-        k = level[key]
-        members = groups[key]
-        gain = sum(damage.get(lin.name, 0.0) for lin in members) * (code_error[k] - code_error[k + 1])
-        return -gain / sum(lin.stored_weights for lin in members), _priority(key, num_layers), key
+        gain = group_damage[key] * (code_error[level[key]] - code_error[level[key] + 1])
+        return -gain / cost[key], _priority(key, num_layers), key
 
     heap = [entry(key) for key in groups if lo < hi]
     heapq.heapify(heap)
     while heap:
         _, _, key = heapq.heappop(heap)
-        cost = sum(lin.stored_weights for lin in groups[key])
-        if cost > budget + 1e-9 * total:
+        if cost[key] > budget + 1e-9 * total:
             continue  # the budget only shrinks: this group can never be promoted again
         level[key] += 1
-        budget -= cost
+        budget -= cost[key]
         if level[key] < hi:
             heapq.heappush(heap, entry(key))
     return {lin.name: level[(lin.layer, lin.group)] for lin in linears}
