@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TextIO
 
 from converter_worker.convert import (
-    ALLOCATIONS,
     ConversionCancelled,
     ConversionError,
     ConvertOptions,
@@ -16,6 +15,7 @@ from converter_worker.convert import (
     format_summary,
 )
 from kernels.exl3_ref import CODEBOOKS
+from shared.wire import CONVERSION_ALLOCATIONS
 
 BAR_WIDTH = 30
 
@@ -57,8 +57,8 @@ def convert_parser() -> argparse.ArgumentParser:
     parser.add_argument("-cb", "--codebook", choices=CODEBOOKS, default="mul1", help="trellis codebook")
     parser.add_argument(
         "--allocation",
-        choices=ALLOCATIONS,
-        default=ALLOCATIONS[0],
+        choices=CONVERSION_ALLOCATIONS,
+        default=CONVERSION_ALLOCATIONS[0],
         help="spread the bits in the plain fixed order, or by each linear's measured sensitivity (experimental)",
     )
     parser.add_argument("--cal-rows", type=int, default=250, help="calibration rows")

@@ -74,7 +74,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 HEAD_FILE = "head.safetensors"
 FINISHED_FILE = "finished.json"
 BLOCKS_DIR = "blocks"
-ALLOCATIONS = CONVERSION_ALLOCATIONS
 SOURCE_DIR = "source"
 # fixed once started; the calibration text by its digest (the same words, wherever the file lives)
 RESULT_ARGS = (
@@ -236,8 +235,9 @@ class Converter:
         check_head_bits(opts.head_bits)
         if opts.codebook not in CODEBOOKS:
             raise ConversionError(f"unknown codebook {opts.codebook!r}; expected one of {', '.join(CODEBOOKS)}")
-        if opts.allocation not in ALLOCATIONS:
-            raise ConversionError(f"unknown bit allocation {opts.allocation!r}; expected {' or '.join(ALLOCATIONS)}")
+        if opts.allocation not in CONVERSION_ALLOCATIONS:
+            choices = " or ".join(CONVERSION_ALLOCATIONS)
+            raise ConversionError(f"unknown bit allocation {opts.allocation!r}; expected {choices}")
         if opts.cal_rows < 1 or opts.cal_cols < 2:
             raise ConversionError(f"calibration needs at least 1 row of 2 tokens, got {opts.cal_rows}x{opts.cal_cols}")
         try:

@@ -15,12 +15,12 @@ import torch
 from converter_worker.cli import cli_convert
 from converter_worker.convert import ConversionError, ConvertOptions, convert
 from converter_worker.eval import evaluate
-from converter_worker.quant.bits import LinearShape, allocate_bits, average_bits
+from converter_worker.quant.bits import allocate_bits, average_bits
 from converter_worker.quant.linear import QUANTIZER_REVISION
 from inference_worker.loader import load_model
 from shared.calibration import text_digest
 from shared.exl3_format import read_quantization_config
-from tests.tiny_models import HIDDEN, INTERMEDIATE, write_tiny_llama
+from tests.tiny_models import HIDDEN, INTERMEDIATE, smollm2_linear_shapes, write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
 EVAL_TEXT = (REPO / "tests" / "data" / "eval" / "britannica-11th-slice.txt").read_text(encoding="utf-8")
@@ -208,16 +208,9 @@ def test_missing_input_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert f"input {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
-def _smollm2_shapes() -> list[LinearShape]:
-    widths = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576)}
-    widths |= {"gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
-    groups = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
-    return [LinearShape(f"l{i}.{n}", i, groups[n], *widths[n]) for i in range(30) for n in widths]
-
-
 @pytest.mark.parametrize("target", [2.0, 2.5, 3.25, 4.1, 5.9])
 def test_fractional_bits_are_reached_by_promoting_whole_groups(target: float) -> None:
-    shapes = _smollm2_shapes()
+    shapes = smollm2_linear_shapes()
     plan = allocate_bits(shapes, target, 30)
     avg = average_bits(shapes, plan)
     assert target - 0.1 <= avg <= target + 1e-9
@@ -228,7 +221,7 @@ def test_fractional_bits_are_reached_by_promoting_whole_groups(target: float) ->
 
 
 def test_attention_and_the_ends_of_the_stack_are_promoted_first() -> None:
-    shapes = _smollm2_shapes()
+    shapes = smollm2_linear_shapes()
     plan = allocate_bits(shapes, 4.1, 30)
     promoted = [s for s in shapes if plan[s.name] == 5]
     assert promoted and all(s.group in ("qkv", "o") for s in promoted)

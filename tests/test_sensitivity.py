@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from converter_worker.convert import Converter, ConvertOptions
-from converter_worker.quant.bits import LinearShape, allocate_bits_by_sensitivity, average_bits
+from converter_worker.quant.bits import allocate_bits_by_sensitivity, average_bits
 from converter_worker.quant.linear import LinearSpec, quantize_linears
 from converter_worker.quant.sensitivity import CODE_ERROR, ldlq_gain, measure_sensitivity
-from tests.tiny_models import write_tiny_llama
+from tests.tiny_models import smollm2_linear_shapes, write_tiny_llama
 
 LAYERS = 2
 
@@ -93,22 +93,15 @@ def test_the_measured_plan_keeps_the_budget_and_the_groups(converter: Converter)
 
 
 def test_equal_damage_per_weight_keeps_every_linear_at_the_target() -> None:
-    shapes = _shapes(4)
+    shapes = smollm2_linear_shapes(4)
     plan = allocate_bits_by_sensitivity(shapes, 4.0, 4, {s.name: 1e-3 * s.stored_weights for s in shapes}, CODE_ERROR)
     # damage in proportion to size: every weight is worth the same, so every linear keeps the plain 4 bits
     assert set(plan.values()) == {4}
 
 
-def _shapes(layers: int) -> list[LinearShape]:
-    widths = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576)}
-    widths |= {"gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
-    groups = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
-    return [LinearShape(f"l{i}.{n}", i, groups[n], *widths[n]) for i in range(layers) for n in widths]
-
-
 @pytest.mark.parametrize("target", [2.0, 3.5, 4.0, 5.25])
 def test_bits_go_where_the_damage_is(target: float) -> None:
-    shapes = _shapes(6)
+    shapes = smollm2_linear_shapes(6)
     gen = torch.Generator().manual_seed(int(target * 4))
     spread = torch.rand(len(shapes), generator=gen) * 10 ** (torch.rand(len(shapes), generator=gen) * 3)
     damage = {s.name: float(d) for s, d in zip(shapes, spread, strict=True)}

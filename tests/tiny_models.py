@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from converter_worker.quant.bits import LinearShape
+
 HIDDEN, INTERMEDIATE = 64, 96  # neither a multiple of 128: every linear is stored padded
 
 
@@ -66,3 +68,11 @@ def write_tiny_llama(out: Path, seed: int = 0, layers: int = 2, noise: float = 0
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
+
+
+def smollm2_linear_shapes(layers: int = 30) -> list[LinearShape]:
+    """The default model's linears (hidden 576, kv 192, MLP 1536) for bit-allocation tests, named l{layer}.{q|k|...}."""
+    widths = {"q": (576, 576), "k": (576, 192), "v": (576, 192), "o": (576, 576)}
+    widths |= {"gate": (576, 1536), "up": (576, 1536), "down": (1536, 576)}
+    groups = {"q": "qkv", "k": "qkv", "v": "qkv", "o": "o", "gate": "gate_up", "up": "gate_up", "down": "down"}
+    return [LinearShape(f"l{i}.{n}", i, groups[n], *widths[n]) for i in range(layers) for n in widths]
